@@ -1,0 +1,173 @@
+"""The ``pyro-vae`` command. Strings become objects here and nowhere else."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+ESTIMATOR_FLAGS = {"particles": "num_particles"}  # CLI flag -> estimator field of that meaning
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not a usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not sizes or any(s <= 0 for s in sizes):
+        raise argparse.ArgumentTypeError(f"layer sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _parser() -> _Parser:
+    from pyro_vae.guides import GUIDES
+    from pyro_vae.models import MODELS
+
+    from .data import BINARIZE_MODES, DATASETS
+    from .estimators import ESTIMATORS
+
+    pos_int, pos_float = _positive(int), _positive(float)
+    p = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs: train, evaluate, sample.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model, evaluate it and write a run folder",
+                       description="Train with pyro.infer.SVI, evaluate the test ELBO and the importance-sampled "
+                                   "log-likelihood, and write config, metrics, checkpoint, evaluation and plots.")
+    g = t.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(MODELS), default=None, help="generative model (default: vae)")
+    g.add_argument("--guide", choices=sorted(GUIDES), default=None, help="amortized guide (default: diagonal-normal)")
+    g.add_argument("--latent-dim", type=pos_int, default=None, help="latent dimensions (default: 50)")
+    g.add_argument("--hidden", type=_sizes, default=None, help="hidden layer sizes, e.g. 200,200 (default)")
+    g.add_argument("--activation", default=None, help="tanh (default), relu or softplus")
+    g = t.add_argument_group("objective")
+    g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None, help="ELBO estimator (default: elbo)")
+    g.add_argument("--particles", type=pos_int, default=None, help="samples per data point for the estimator")
+    g = t.add_argument_group("data")
+    g.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="(default: mnist)")
+    g.add_argument("--data-root", default=None, help="where datasets are found or cached (default: ./data)")
+    g.add_argument("--binarize", choices=BINARIZE_MODES, default=None,
+                   help="dynamic: a fresh Bernoulli draw per batch (default); static: one fixed draw; none: grayscale")
+    g.add_argument("--train-points", type=pos_int, default=None, help="use only the first N training points")
+    g.add_argument("--test-points", type=pos_int, default=None, help="use only the first N test points")
+    g = t.add_argument_group("training")
+    g.add_argument("--epochs", type=pos_int, default=None, help="(default: 80, about 5 minutes on 2 CPU cores)")
+    g.add_argument("--batch-size", type=pos_int, default=None, help="(default: 100)")
+    g.add_argument("--lr", type=pos_float, default=None, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--seed", type=int, default=None, help="(default: 0)")
+    g.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu or cuda")
+    g = t.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<model>-<estimator>-seed<seed>-<time>)")
+    g.add_argument("--resume", type=Path, metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR from its last checkpoint (--epochs may raise its length)")
+    g.add_argument("--eval-samples", type=pos_int, default=5000, help="K for the IS log-likelihood (default: 5000)")
+    g.add_argument("--eval-points", type=pos_int, default=2000,
+                   help="test points for the IS log-likelihood after training (default: 2000; "
+                        "`pyro-vae evaluate` uses all)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
+
+    e = sub.add_parser("evaluate", help="IS log-likelihood and ELBO of a trained run on its test set")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("--samples", type=pos_int, default=5000, help="K importance samples per point (default: 5000)")
+    e.add_argument("--points", type=pos_int, default=None, help="only the first N test points (default: all)")
+    e.add_argument("--device", default="auto")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--quiet", action="store_true")
+
+    s = sub.add_parser("sample", help="draw from the prior of a trained run and save a PNG grid")
+    s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    s.add_argument("--num", type=pos_int, default=64, help="number of samples (default: 64)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plots/samples.png)")
+    s.add_argument("--device", default="auto")
+    return p
+
+
+def _spec_from_args(a: argparse.Namespace):
+    from .runs import RunDir, RunSpec, TrainConfig
+
+    base = RunDir(a.resume).spec() if a.resume else RunSpec()
+    network = dict(base.network)
+    for flag, key in (("latent_dim", "latent_dim"), ("hidden", "hidden"), ("activation", "activation")):
+        if getattr(a, flag) is not None:
+            network[key] = getattr(a, flag)
+    data = dict(base.data)
+    for flag, key in (("dataset", "name"), ("data_root", "root"), ("binarize", "binarize"),
+                      ("train_points", "train_points"), ("test_points", "test_points")):
+        if getattr(a, flag) is not None:
+            data[key] = getattr(a, flag)
+    est_opts = dict(base.estimator_options)
+    for flag, field in ESTIMATOR_FLAGS.items():
+        if getattr(a, flag) is not None:
+            est_opts[field] = getattr(a, flag)
+    train = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in vars(base.train).items()}
+    return RunSpec(model=a.model or base.model, guide=a.guide or base.guide,
+                   estimator=a.estimator or base.estimator, estimator_options=est_opts,
+                   network=network, data=data, train=TrainConfig(**train))
+
+
+def _train(a: argparse.Namespace) -> None:
+    from .experiment import report, train_run
+
+    if a.resume and a.out and a.out != a.resume:
+        raise UserError("give either --out (a new run) or --resume RUN_DIR, not both")
+    spec = _spec_from_args(a)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = a.resume or a.out or Path("runs") / f"{spec.model}-{spec.estimator}-seed{spec.train.seed}-{stamp}"
+    summary = train_run(spec, out, resume=a.resume is not None, quiet=a.quiet,
+                        eval_samples=a.eval_samples, eval_points=a.eval_points)
+    report(summary)
+    print(f"run folder: {out}")
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from .experiment import evaluate_run, load_run, report
+
+    run, spec, model, guide, test, device = load_run(a.run_dir, a.device)
+    report(evaluate_run(run, model, guide, test, a.samples, a.points, device, a.seed, a.quiet))
+
+
+def _sample(a: argparse.Namespace) -> None:
+    from . import plots
+    from .experiment import load_run
+
+    run, spec, model, guide, test, device = load_run(a.run_dir, a.device)
+    out = a.out or run.plots() / "samples.png"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        path = plots.prior_samples(model, test, out, n=a.num, seed=a.seed, device=device)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from e
+    print(f"samples: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+    except UserError as e:
+        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted", file=sys.stderr)
+        return 130
+    return 0

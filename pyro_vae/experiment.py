@@ -1,0 +1,101 @@
+"""A whole run from a RunSpec: build, train, evaluate, plot. What the CLI's commands call."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pyro_vae.guides import GUIDES
+from pyro_vae.models import MODELS
+
+from . import plots
+from .checkpoint import LATEST, load_checkpoint
+from .data import ArrayDataset, load_dataset
+from .errors import UserError
+from .estimators import ESTIMATORS
+from .evaluation import Evaluation, evaluate
+from .runs import CONFIG, EVALUATION, RunDir, RunSpec, make_component, make_estimator, versions
+from .train import History, fit, resolve_device
+
+
+def load_data(spec: RunSpec) -> tuple[ArrayDataset, ArrayDataset]:
+    d = spec.data
+    train, test = load_dataset(d["name"], d.get("root", "data"), binarize=d.get("binarize", "dynamic"),
+                               seed=spec.train.seed)
+    if d.get("train_points"):
+        train = train.head(int(d["train_points"]))
+    if d.get("test_points"):
+        test = test.head(int(d["test_points"]))
+    return train, test
+
+
+def build(spec: RunSpec, x_dim: int):
+    options = {**spec.network, "x_dim": x_dim}
+    model = make_component(MODELS, spec.model, "model", options)
+    guide = make_component(GUIDES, spec.guide, "guide", options)
+    estimator = make_estimator(ESTIMATORS, spec.estimator, spec.estimator_options)
+    return model, guide, estimator
+
+
+def train_run(spec: RunSpec, out: Path, *, resume: bool, quiet: bool,
+              eval_samples: int, eval_points: int | None) -> dict[str, Any]:
+    run = RunDir(out).create(fresh=not resume)
+    if resume:
+        saved = run.spec()
+        if saved.to_dict() | {"train": {}} != spec.to_dict() | {"train": {}}:
+            raise UserError(f"--resume {out}: the run was made with another model/data config; "
+                            f"resume it with the options in {out / CONFIG}")
+    train, test = load_data(spec)
+    model, guide, estimator = build(spec, train.dim)
+    device = resolve_device(spec.train.device)
+    run.write_json(CONFIG, {"spec": spec.to_dict(), "versions": versions(device),
+                            "estimator": repr(estimator)})
+    history = fit(model, guide, estimator, train, test, spec.train, run_dir=run, resume=resume,
+                  run_config=spec.to_dict(), quiet=quiet)
+    write_plots(run, model, guide, test, history, device)
+    return evaluate_run(run, model, guide, test, eval_samples, eval_points, device, spec.train.seed, quiet)
+
+
+def evaluate_run(run: RunDir, model, guide, test: ArrayDataset, num_samples: int, points: int | None,
+                 device: torch.device, seed: int, quiet: bool) -> dict[str, Any]:
+    data = test.head(points) if points else test
+    result: Evaluation = evaluate(model, guide, data, num_samples=num_samples, device=device, seed=seed,
+                                  quiet=quiet)
+    summary = result.summary()
+    run.write_json(EVALUATION, summary)
+    np.savez_compressed(run.path / "evaluation.npz", elbo=result.elbo, log_likelihood=result.log_likelihood)
+    return summary
+
+
+def write_plots(run: RunDir, model, guide, test: ArrayDataset, history: History, device) -> list[Path]:
+    p = run.plots()
+    return [plots.learning_curves(history.rows, p / "learning_curves.png"),
+            plots.reconstructions(model, guide, test, p / "reconstructions.png", device=device),
+            plots.prior_samples(model, test, p / "prior_samples.png", device=device),
+            plots.latent_scatter(guide, test, p / "latents_2d.png", device=device)]
+
+
+def load_run(path: Path, device_name: str):
+    """Rebuild a finished run's model and guide from its folder, with the latest checkpoint's weights."""
+    run = RunDir(path)
+    spec = run.spec()
+    ckpt = load_checkpoint(run.path / LATEST)
+    train, test = load_data(spec)
+    model, guide, _ = build(spec, test.dim)
+    try:
+        model.load_state_dict(ckpt["model"])
+        guide.load_state_dict(ckpt["guide"])
+    except RuntimeError as e:
+        raise UserError(f"{run.path / LATEST} does not fit the model in {run.path / CONFIG}") from e
+    device = resolve_device(device_name)
+    return run, spec, model.to(device).eval(), guide.to(device).eval(), test, device
+
+
+def report(summary: dict[str, Any], file=None) -> None:
+    file = file or sys.stdout
+    print(f"test ELBO:           {summary['elbo']:.2f} ± {summary['elbo_se']:.2f} nats/image", file=file)
+    print(f"test log-likelihood: {summary['log_likelihood']:.2f} ± {summary['log_likelihood_se']:.2f} nats/image "
+          f"(IS, K={summary['num_samples']}, {summary['num_points']} test points)", file=file)

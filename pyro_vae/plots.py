@@ -1,0 +1,128 @@
+"""Pictures of a run. Every function takes a model/guide pair through its traces, never its class."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyro  # noqa: E402
+import pyro.poutine as poutine  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+from .data import ArrayDataset  # noqa: E402
+from .sites import _trace, latent_sites, observed_sites  # noqa: E402
+
+
+def _mean_or_sample(fn, value: torch.Tensor) -> torch.Tensor:
+    try:
+        return fn.mean
+    except NotImplementedError:  # e.g. a flow guide: no closed-form mean
+        return value
+
+
+@torch.no_grad()
+def posterior_means(guide, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """E_q[z | x] per latent site of the guide (a draw where the guide has no closed-form mean)."""
+    tr = _trace(guide, x)
+    return {n: _mean_or_sample(tr.nodes[n]["fn"], tr.nodes[n]["value"]) for n in latent_sites(tr)}
+
+
+@torch.no_grad()
+def decode(model, latents: dict[str, torch.Tensor], n: int, observed: list[str]) -> torch.Tensor:
+    """The mean of the model's (first) observed site given values for its latents; prior draws for the rest."""
+    tr = _trace(poutine.condition(model, data=latents), None, batch_size=n)
+    site = tr.nodes[observed[0]]
+    return _mean_or_sample(site["fn"], site["value"])
+
+
+def _observed(model, x: torch.Tensor) -> list[str]:
+    return observed_sites(_trace(model, x))
+
+
+def _images(flat: torch.Tensor, image_shape: tuple[int, ...]) -> torch.Tensor:
+    imgs = flat.detach().float().cpu().clamp(0, 1).reshape(-1, *image_shape)
+    return imgs.unsqueeze(1) if imgs.dim() == 3 else imgs
+
+
+def _save_grid(imgs: torch.Tensor, nrow: int, title: str, path: Path) -> Path:
+    grid = make_grid(imgs, nrow=nrow, padding=2, pad_value=1.0)
+    fig, ax = plt.subplots(figsize=(nrow * 0.6 + 0.5, grid.shape[1] / grid.shape[2] * nrow * 0.6 + 0.8))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(title)
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [r["epoch"] for r in rows]
+    ax.plot(epochs, [r["train_elbo"] for r in rows], marker="o", label="train (running, dynamic binarization)")
+    if rows and "test_elbo" in rows[0]:
+        ax.plot(epochs, [r["test_elbo"] for r in rows], marker="s", label="test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("bound (nats per image, higher is better)")
+    ax.set_title("Learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def reconstructions(model, guide, data: ArrayDataset, path: Path, n: int = 16, device="cpu") -> Path:
+    x, _ = next(data.batches(n, shuffle=False, generator=torch.Generator().manual_seed(0), device=device))
+    recon = decode(model, posterior_means(guide, x), x.shape[0], _observed(model, x))
+    imgs = torch.cat([_images(x, data.image_shape), _images(recon, data.image_shape)])
+    return _save_grid(imgs, x.shape[0], "Inputs (top) and reconstructions from E_q[z|x] (bottom)", path)
+
+
+def prior_samples(model, data: ArrayDataset, path: Path, n: int = 64, seed: int = 0, device="cpu") -> Path:
+    x, _ = next(data.batches(2, shuffle=False, generator=torch.Generator(), device=device))
+    observed = _observed(model, x)
+    with pyro.get_param_store().scope():
+        torch.manual_seed(seed)
+        means = decode(model, {}, n, observed)
+    return _save_grid(_images(means, data.image_shape), 8, f"Decoder means of {n} draws z ~ p(z)", path)
+
+
+@torch.no_grad()
+def latent_scatter(guide, data: ArrayDataset, path: Path, n: int = 5000, device="cpu") -> Path:
+    """Test latents' posterior means in 2-D (PCA when there are more than 2 dims), coloured by label."""
+    gen = torch.Generator().manual_seed(0)
+    zs, ys = [], []
+    for x, y in data.head(min(n, len(data))).batches(500, shuffle=False, generator=gen, device=device):
+        zs.append(torch.cat([v.reshape(v.shape[0], -1) for v in posterior_means(guide, x).values()], -1).cpu())
+        ys.append(y if y is not None else torch.zeros(x.shape[0], dtype=torch.long))
+    z, y = torch.cat(zs).double(), torch.cat(ys)
+    if z.shape[1] > 2:
+        zc = z - z.mean(0)
+        _, s, v = torch.linalg.svd(zc, full_matrices=False)
+        z2 = zc @ v[:2].T
+        share = (s[:2] ** 2).sum() / (s ** 2).sum()
+        xlabel, ylabel = "PC 1", "PC 2"
+        title = f"Test posterior means, PCA of {z.shape[1]} dims ({100 * share:.0f}% of variance)"
+    else:
+        z2 = z if z.shape[1] == 2 else torch.cat([z, torch.zeros_like(z)], 1)
+        xlabel, ylabel, title = "z1", "z2", "Test posterior means"
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc = ax.scatter(z2[:, 0], z2[:, 1], c=y.numpy(), cmap="tab10", s=3, alpha=0.7)
+    if data.labels is not None:
+        fig.colorbar(sc, ax=ax, label="label", ticks=sorted(set(y.tolist())))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,48 @@
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from pyro_vae.data import ArrayDataset, Split
+
+
+@pytest.fixture(autouse=True)
+def _clean_state():
+    """Every test starts from an empty param store, seeded RNGs and Pyro's validation on."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+
+
+def prototype_images(n: int, side: int = 8, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Grayscale images near one of a few random prototypes: a dataset a small VAE can learn in seconds."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0.05, 0.95, size=(classes, side * side)) > 0.5
+    labels = rng.integers(0, classes, size=n)
+    probs = np.where(protos[labels], 0.9, 0.1) + rng.normal(0, 0.03, size=(n, side * side))
+    images = (np.clip(probs, 0, 1) * 255).astype(np.uint8).reshape(n, side, side)
+    return images, labels.astype(np.int64)
+
+
+@pytest.fixture
+def small_data() -> tuple[ArrayDataset, ArrayDataset]:
+    images, labels = prototype_images(600)
+    return ArrayDataset(images[:500], labels[:500]), ArrayDataset(images[500:], labels[500:])
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch):
+    """Register a generated 8x8 dataset under the name 'fake', so CLI runs stay offline and fast."""
+    from pyro_vae import data
+
+    def load_fake(root):
+        images, labels = prototype_images(700)
+        return Split(images[:600], labels[:600]), Split(images[600:], labels[600:])
+
+    monkeypatch.setitem(data.DATASETS, "fake", load_fake)
+    return "fake"
+
+
+SMALL_NET = {"latent_dim": 4, "hidden": [32], "activation": "tanh"}

@@ -1,0 +1,131 @@
+"""The pyro-vae command: a whole run on generated data, and one clear line for each user mistake."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vae.cli import main
+
+TINY = ["--dataset", "fake", "--latent-dim", "2", "--hidden", "16", "--batch-size", "50",
+        "--eval-samples", "20", "--eval-points", "40", "--quiet"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(capsys, *argv, match):
+    code, out, err = run_cli(capsys, *argv)
+    assert code != 0
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def test_train_evaluate_sample_and_resume(fake_dataset, capsys, tmp_path):
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", *TINY, "--epochs", "2", "--out", run)
+    assert code == 0, err
+    assert "test ELBO" in out and "test log-likelihood" in out and "K=20" in out
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "evaluation.json", "evaluation.npz"):
+        assert (run / name).is_file(), name
+    for name in ("learning_curves", "reconstructions", "prior_samples", "latents_2d"):
+        assert (run / "plots" / f"{name}.png").stat().st_size > 1000, name
+    summary = json.loads((run / "evaluation.json").read_text())
+    assert summary["num_points"] == 40 and summary["log_likelihood"] >= summary["elbo"] - 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["spec"]["network"]["latent_dim"] == 2 and config["versions"]["device"] == "cpu"
+
+    code, out, err = run_cli(capsys, "train", "--resume", run, "--epochs", "4", "--quiet", "--eval-samples", "5")
+    assert code == 0, err
+    epochs = [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+
+    code, out, err = run_cli(capsys, "evaluate", run, "--samples", "30", "--points", "25", "--quiet")
+    assert code == 0, err
+    assert "K=30, 25 test points" in out
+    code, out, err = run_cli(capsys, "sample", run, "--num", "16", "--out", tmp_path / "s.png")
+    assert code == 0, err
+    assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_existing_run_is_never_overwritten(fake_dataset, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", run)[0] == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    one_line_error(capsys, "train", *TINY, "--epochs", "1", "--out", run, match="already holds a run")
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_with_another_latent_size_is_refused(fake_dataset, capsys, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", run)[0] == 0
+    one_line_error(capsys, "train", "--resume", run, "--latent-dim", "3", match="another model/data config")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--model", "nope"], "invalid choice: 'nope' (choose from 'vae')"),
+    (["train", "--guide", "nope"], "choose from 'diagonal-normal'"),
+    (["train", "--dataset", "nope"], "choose from"),
+    (["train", "--estimator", "nope"], "choose from 'elbo'"),
+    (["train", "--epochs", "0"], "must be positive"),
+    (["train", "--batch-size", "-3"], "must be positive"),
+    (["train", "--eval-samples", "0"], "must be positive"),
+    (["train", "--epochs", "ten"], "not a valid int"),
+    (["train", "--lr", "0"], "must be positive"),
+    (["train", "--hidden", "200,x"], "comma-separated list of integers"),
+    (["evaluate", "RUN", "--samples", "0"], "must be positive"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_options_get_one_line(capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+
+
+def test_cuda_without_cuda(fake_dataset, capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    one_line_error(capsys, "train", *TINY, "--device", "cuda", "--out", tmp_path / "r", match="no usable CUDA")
+
+
+def test_unwritable_run_folder(fake_dataset, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    one_line_error(capsys, "train", *TINY, "--out", blocker / "run", match="cannot write to run folder")
+
+
+def test_bernoulli_likelihood_with_grayscale_data(fake_dataset, capsys, tmp_path):
+    one_line_error(capsys, "train", *TINY, "--binarize", "none", "--out", tmp_path / "r",
+                   match="outside the support")
+
+
+def test_evaluate_a_folder_that_is_not_a_run(capsys, tmp_path):
+    one_line_error(capsys, "evaluate", tmp_path, match="is not a run folder")
+
+
+def test_checkpoint_that_does_not_fit_the_data(fake_dataset, capsys, tmp_path, monkeypatch):
+    from pyro_vae import data
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", run)[0] == 0
+    small = data.DATASETS["fake"](None)
+    monkeypatch.setitem(data.DATASETS, "fake", lambda root: tuple(
+        data.Split(s.images[:, :4, :], s.labels) for s in small))  # 32 pixels instead of 64
+    one_line_error(capsys, "evaluate", run, match="does not fit")
+
+
+def test_module_and_console_script_entry_points():
+    for cmd in ([sys.executable, "-m", "pyro_vae", "--help"], [str(Path(sys.executable).parent / "pyro-vae"), "--help"]):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and "train" in res.stdout and "evaluate" in res.stdout, res.stderr
+    res = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--epochs", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "must be positive" in res.stderr
