@@ -6,7 +6,8 @@ if __name__ != "pyro_vae.guides":  # pragma: no cover
     raise ImportError("import this package as pyro_vae.guides, not as guides")
 
 from .diagonal_normal import DiagonalNormalGuide
+from .linear_gaussian import LinearGaussianGuide
 
-GUIDES = {"diagonal-normal": DiagonalNormalGuide}
+GUIDES = {"diagonal-normal": DiagonalNormalGuide, "linear-gaussian": LinearGaussianGuide}
 
-__all__ = ["GUIDES", "DiagonalNormalGuide"]
+__all__ = ["LinearGaussianGuide", "GUIDES", "DiagonalNormalGuide"]

@@ -7,7 +7,8 @@ if __name__ != "pyro_vae.models":  # pragma: no cover - guards against `import m
     raise ImportError("import this package as pyro_vae.models, not as models")
 
 from .bernoulli_vae import BernoulliVAE
+from .linear_gaussian import LinearGaussian
 
-MODELS = {"vae": BernoulliVAE}
+MODELS = {"vae": BernoulliVAE, "linear-gaussian": LinearGaussian}
 
-__all__ = ["MODELS", "BernoulliVAE"]
+__all__ = ["LinearGaussian", "MODELS", "BernoulliVAE"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-ESTIMATOR_FLAGS = {"particles": "num_particles"}  # CLI flag -> estimator field of that meaning
+ESTIMATOR_FLAGS = {"particles": "num_particles", "alpha": "alpha"}  # CLI flag -> estimator field
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,29 +39,20 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _parser() -> _Parser:
+def _run_options(t: argparse.ArgumentParser) -> None:
+    """Options shared by train and compare: what to build, on which data, with which budget."""
     from pyro_vae.guides import GUIDES
     from pyro_vae.models import MODELS
 
     from .data import BINARIZE_MODES, DATASETS
-    from .estimators import ESTIMATORS
 
     pos_int, pos_float = _positive(int), _positive(float)
-    p = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs: train, evaluate, sample.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    t = sub.add_parser("train", help="train a model, evaluate it and write a run folder",
-                       description="Train with pyro.infer.SVI, evaluate the test ELBO and the importance-sampled "
-                                   "log-likelihood, and write config, metrics, checkpoint, evaluation and plots.")
     g = t.add_argument_group("model")
     g.add_argument("--model", choices=sorted(MODELS), default=None, help="generative model (default: vae)")
     g.add_argument("--guide", choices=sorted(GUIDES), default=None, help="amortized guide (default: diagonal-normal)")
     g.add_argument("--latent-dim", type=pos_int, default=None, help="latent dimensions (default: 50)")
     g.add_argument("--hidden", type=_sizes, default=None, help="hidden layer sizes, e.g. 200,200 (default)")
     g.add_argument("--activation", default=None, help="tanh (default), relu or softplus")
-    g = t.add_argument_group("objective")
-    g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None, help="ELBO estimator (default: elbo)")
-    g.add_argument("--particles", type=pos_int, default=None, help="samples per data point for the estimator")
     g = t.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="(default: mnist)")
     g.add_argument("--data-root", default=None, help="where datasets are found or cached (default: ./data)")
@@ -75,6 +66,23 @@ def _parser() -> _Parser:
     g.add_argument("--lr", type=pos_float, default=None, help="Adam learning rate (default: 1e-3)")
     g.add_argument("--seed", type=int, default=None, help="(default: 0)")
     g.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu or cuda")
+
+
+def _parser() -> _Parser:
+    from .estimators import ESTIMATORS
+
+    pos_int = _positive(int)
+    p = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro programs: train, compare estimators, evaluate, sample.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model, evaluate it and write a run folder",
+                       description="Train with pyro.infer.SVI, evaluate the test ELBO and the importance-sampled "
+                                   "log-likelihood, and write config, metrics, checkpoint, evaluation and plots.")
+    _run_options(t)
+    g = t.add_argument_group("objective")
+    g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None, help="ELBO estimator (default: elbo)")
+    g.add_argument("--particles", type=pos_int, default=None, help="samples per data point (K) for the estimator")
+    g.add_argument("--alpha", type=float, default=None, help="alpha of the renyi estimator")
     g = t.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<model>-<estimator>-seed<seed>-<time>)")
     g.add_argument("--resume", type=Path, metavar="RUN_DIR", default=None,
@@ -84,6 +92,20 @@ def _parser() -> _Parser:
                    help="test points for the IS log-likelihood after training (default: 2000; "
                         "`pyro-vae evaluate` uses all)")
     g.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
+
+    c = sub.add_parser("compare", help="train several estimators on the same budget and tabulate them",
+                       description="Train each estimator with the same seed, data, architecture and budget, then "
+                                   "write compare.md/.csv (test ELBO, IS NLL, KL, active units, speed, gradient "
+                                   "SNR) and plots into --out.")
+    c.add_argument("--estimators", required=True,
+                   help=f"comma-separated, options after colons, e.g. elbo,analytic-kl,iwae:k=5,dreg:k=5,stl,"
+                        f"renyi:alpha=0.5:k=5 (known: {', '.join(sorted(ESTIMATORS))})")
+    _run_options(c)
+    c.add_argument("--out", type=Path, default=None, help="folder for the runs and the table (default: runs/compare-<time>)")
+    c.add_argument("--eval-samples", type=pos_int, default=5000, help="K for the IS log-likelihood (default: 5000)")
+    c.add_argument("--eval-points", type=pos_int, default=2000, help="test points for the IS log-likelihood (default: 2000)")
+    c.add_argument("--snr-repeats", type=pos_int, default=50, help="gradient draws for the SNR (default: 50)")
+    c.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("evaluate", help="IS log-likelihood and ELBO of a trained run on its test set")
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -105,7 +127,7 @@ def _parser() -> _Parser:
 def _spec_from_args(a: argparse.Namespace):
     from .runs import RunDir, RunSpec, TrainConfig
 
-    base = RunDir(a.resume).spec() if a.resume else RunSpec()
+    base = RunDir(a.resume).spec() if getattr(a, "resume", None) else RunSpec()
     network = dict(base.network)
     for flag, key in (("latent_dim", "latent_dim"), ("hidden", "hidden"), ("activation", "activation")):
         if getattr(a, flag) is not None:
@@ -117,11 +139,11 @@ def _spec_from_args(a: argparse.Namespace):
             data[key] = getattr(a, flag)
     est_opts = dict(base.estimator_options)
     for flag, field in ESTIMATOR_FLAGS.items():
-        if getattr(a, flag) is not None:
+        if getattr(a, flag, None) is not None:
             est_opts[field] = getattr(a, flag)
     train = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in vars(base.train).items()}
     return RunSpec(model=a.model or base.model, guide=a.guide or base.guide,
-                   estimator=a.estimator or base.estimator, estimator_options=est_opts,
+                   estimator=getattr(a, "estimator", None) or base.estimator, estimator_options=est_opts,
                    network=network, data=data, train=TrainConfig(**train))
 
 
@@ -137,6 +159,18 @@ def _train(a: argparse.Namespace) -> None:
                         eval_samples=a.eval_samples, eval_points=a.eval_points)
     report(summary)
     print(f"run folder: {out}")
+
+
+def _compare(a: argparse.Namespace) -> None:
+    from .compare import compare, parse_estimators
+
+    estimators = parse_estimators(a.estimators)
+    spec = _spec_from_args(a)
+    out = a.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    compare(spec, estimators, out, eval_samples=a.eval_samples, eval_points=a.eval_points,
+            snr_repeats=a.snr_repeats, quiet=a.quiet)
+    print((out / "compare.md").read_text(), end="")
+    print(f"table: {out / 'compare.md'} and {out / 'compare.csv'}; plots: {out / 'plots'}")
 
 
 def _evaluate(a: argparse.Namespace) -> None:
@@ -163,7 +197,7 @@ def _sample(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        {"train": _train, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+        {"train": _train, "compare": _compare, "evaluate": _evaluate, "sample": _sample}[args.command](args)
     except UserError as e:
         print(f"pyro-vae: error: {e}", file=sys.stderr)
         return 2

@@ -2,47 +2,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pyro
-import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
 from .data import ArrayDataset
 from .errors import UserError
-from .sites import _trace, max_plate_nesting, sample_sites
-
-
-def _particles(fn, k: int, dim: int):
-    def vectorized(*args, **kwargs):
-        with pyro.plate("_eval_particles", k, dim=dim):
-            return fn(*args, **kwargs)
-    return vectorized
-
-
-def log_weights(model, guide, x: torch.Tensor, k: int, plate_nesting: int | None = None) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k | x) for k guide draws per data point, shape (k, B).
-
-    Requires every latent to be local to the data plate, so that each point's weight involves only its
-    own latents; the particles vectorize in a plate left of the model's plates.
-    """
-    if plate_nesting is None:
-        plate_nesting = max_plate_nesting(_trace(model, x))
-    dim = -plate_nesting - 1
-    guide_tr = poutine.trace(_particles(guide, k, dim)).get_trace(x)
-    model_tr = poutine.trace(poutine.replay(_particles(model, k, dim), trace=guide_tr)).get_trace(x)
-    log_w = torch.zeros(k, x.shape[0], device=x.device, dtype=x.dtype)
-    for tr, sign in ((model_tr, 1.0), (guide_tr, -1.0)):
-        tr.compute_log_prob()
-        for site in sample_sites(tr).values():
-            lp = site["log_prob"]
-            lp = lp.reshape((1,) * (plate_nesting + 1 - lp.dim()) + lp.shape)
-            if plate_nesting > 1:  # plates nested inside a data point belong to that point's weight
-                lp = lp.sum(dim=tuple(range(1, plate_nesting)))
-            log_w = log_w + sign * lp
-    return log_w
+from .estimators._weights import log_weights
 
 
 @dataclass(frozen=True)
@@ -71,6 +40,9 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
              seed: int = 0, quiet: bool = False) -> Evaluation:
     """Importance-sampled log p(x) per point with ``num_samples`` guide draws, and the ELBO from the same draws.
 
+    log p(x) ~= logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K (Burda et al. 2016, eq. 14). Every
+    latent must be local to the data plate.
+
     Draws are processed in chunks of at most ``max_particles_per_chunk`` (particles x points), so memory
     is bounded whatever ``num_samples`` is.
     """
@@ -80,19 +52,16 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
     batch_size = min(batch_size, max_particles_per_chunk)
     chunk = max(1, max_particles_per_chunk // batch_size)
     elbos, lls = [], []
-    plate_nesting = None
     with pyro.get_param_store().scope(), pyro.validation_enabled(False):
         torch.manual_seed(seed)
         bar = tqdm(total=len(data), desc=f"IS log-likelihood (K={num_samples})", unit="pt", disable=quiet)
         for x, _ in data.batches(batch_size, shuffle=False, generator=gen, device=device):
-            if plate_nesting is None:
-                plate_nesting = max_plate_nesting(_trace(model, x))
             lse = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=torch.float64)
             total = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
             done = 0
             while done < num_samples:
                 k = min(chunk, num_samples - done)
-                lw = log_weights(model, guide, x, k, plate_nesting).double()
+                lw = log_weights(model, guide, k, x)[0].double()
                 lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
                 total += lw.sum(0)
                 done += k

@@ -40,8 +40,9 @@ def build(spec: RunSpec, x_dim: int):
     return model, guide, estimator
 
 
-def train_run(spec: RunSpec, out: Path, *, resume: bool, quiet: bool,
-              eval_samples: int, eval_points: int | None) -> dict[str, Any]:
+def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_points: int | None,
+                      resume: bool = False, quiet: bool = False):
+    """Train, plot and evaluate one run; returns (run, model, guide, test data, history, evaluation summary)."""
     run = RunDir(out).create(fresh=not resume)
     if resume:
         saved = run.spec()
@@ -56,7 +57,14 @@ def train_run(spec: RunSpec, out: Path, *, resume: bool, quiet: bool,
     history = fit(model, guide, estimator, train, test, spec.train, run_dir=run, resume=resume,
                   run_config=spec.to_dict(), quiet=quiet)
     write_plots(run, model, guide, test, history, device)
-    return evaluate_run(run, model, guide, test, eval_samples, eval_points, device, spec.train.seed, quiet)
+    summary = evaluate_run(run, model, guide, test, eval_samples, eval_points, device, spec.train.seed, quiet)
+    return run, model, guide, test, history, summary
+
+
+def train_run(spec: RunSpec, out: Path, *, resume: bool, quiet: bool,
+              eval_samples: int, eval_points: int | None) -> dict[str, Any]:
+    return train_run_objects(spec, out, eval_samples=eval_samples, eval_points=eval_points,
+                             resume=resume, quiet=quiet)[-1]
 
 
 def evaluate_run(run: RunDir, model, guide, test: ArrayDataset, num_samples: int, points: int | None,

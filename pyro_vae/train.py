@@ -123,7 +123,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             t0 = time.perf_counter()
             total, seen = 0.0, 0
             bar = tqdm(total=len(train_data), desc=f"epoch {epoch}/{config.epochs}", unit="img",
-                       leave=False, disable=quiet, file=sys.stderr)
+                       leave=False, disable=quiet, file=sys.stderr, mininterval=0.5)
             for x, _ in train_data.batches(config.batch_size, shuffle=True, generator=data_gen, device=device):
                 loss = svi.step(x)
                 step += 1
@@ -159,7 +159,6 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 run_dir.write_metrics(history.rows)
             if on_epoch is not None:
                 on_epoch(row)
-            if quiet:
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                      flush=True)
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                       file=sys.stdout)
     return history

@@ -43,9 +43,9 @@ def test_particles_are_chunked_so_memory_is_bounded(trained, monkeypatch):
     seen = []
     real = evaluation.log_weights
 
-    def spy(model, guide, x, k, plate_nesting=None):
+    def spy(model, guide, k, x):
         seen.append(k * x.shape[0])
-        return real(model, guide, x, k, plate_nesting)
+        return real(model, guide, k, x)
 
     monkeypatch.setattr(evaluation, "log_weights", spy)
     out = evaluate(model, guide, test, num_samples=1000, batch_size=20, max_particles_per_chunk=500, quiet=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from pyro.infer import Trace_ELBO
@@ -20,6 +21,7 @@ class ELBO:
     """
 
     num_particles: int = 1
+    value_from_log_weights: ClassVar[bool] = True
     _elbo: Trace_ELBO = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
