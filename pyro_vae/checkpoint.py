@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -36,17 +38,34 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
-    """Write ``run_dir/checkpoint.pt``, keeping the one it replaces as ``checkpoint.prev.pt``."""
+    """Write ``run_dir/checkpoint.pt`` atomically, keeping the one it replaces as ``checkpoint.prev.pt``.
+
+    Order matters: the new file is complete on disk before anything is renamed, and the old latest
+    becomes the previous one by a link, not a move, so at every instant ``checkpoint.pt`` is a whole
+    checkpoint, old or new.
+    """
     run_dir = Path(run_dir)
     latest, previous = run_dir / LATEST, run_dir / PREVIOUS
-    tmp_name = f".{LATEST}.new-{os.getpid()}"
-    atomic_write(run_dir / tmp_name, lambda p: torch.save(payload, p))
+    tmp = run_dir / f".{LATEST}.tmp-{os.getpid()}"
+    prev_tmp = run_dir / f".{PREVIOUS}.tmp-{os.getpid()}"
     try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         if latest.exists():
-            os.replace(latest, previous)
-        os.replace(run_dir / tmp_name, latest)
-    except OSError as e:
-        raise UserError(f"cannot write {latest}: {e.strerror or e}") from e
+            prev_tmp.unlink(missing_ok=True)
+            try:
+                os.link(latest, prev_tmp)
+            except OSError:  # a file system without hard links
+                shutil.copy2(latest, prev_tmp)
+            os.replace(prev_tmp, previous)
+        os.replace(tmp, latest)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise UserError(f"cannot write {latest}: {reason}; the last good checkpoint is kept") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+        prev_tmp.unlink(missing_ok=True)
     return latest
 
 
@@ -75,7 +94,11 @@ def latest_checkpoint(run_dir: Path) -> dict[str, Any]:
         return load_checkpoint(run_dir / LATEST)
     except UserError as first:
         if (run_dir / PREVIOUS).is_file():
-            import sys
-            print(f"pyro-vae: warning: {first}; using {run_dir / PREVIOUS}", file=sys.stderr)
-            return load_checkpoint(run_dir / PREVIOUS)
+            payload = load_checkpoint(run_dir / PREVIOUS)
+            if (run_dir / LATEST).exists():
+                # moved aside, so the next save cannot rotate the damaged file over the good previous one
+                os.replace(run_dir / LATEST, run_dir / f"{LATEST}.damaged")
+            print(f"pyro-vae: warning: {first}; using {run_dir / PREVIOUS} "
+                  f"(the damaged file is kept as {LATEST}.damaged)", file=sys.stderr)
+            return payload
         raise

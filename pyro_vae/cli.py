@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .train import Interrupted
 
 ESTIMATOR_FLAGS = {"particles": "num_particles", "alpha": "alpha"}  # CLI flag -> estimator field
 
@@ -27,6 +28,23 @@ def _positive(kind):
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def _at_least_two(text: str) -> int:
+    value = _positive(int)(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("needs at least 2 draws to measure a spread")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid int") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
+    return value
 
 
 def _sizes(text: str) -> list[int]:
@@ -64,8 +82,11 @@ def _run_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=pos_int, default=None, help="(default: 80, about 5 minutes on 2 CPU cores)")
     g.add_argument("--batch-size", type=pos_int, default=None, help="(default: 100)")
     g.add_argument("--lr", type=pos_float, default=None, help="Adam learning rate (default: 1e-3)")
-    g.add_argument("--seed", type=int, default=None, help="(default: 0)")
+    g.add_argument("--seed", type=_seed, default=None, help="(default: 0)")
     g.add_argument("--device", default=None, help="auto (default: CUDA when present), cpu or cuda")
+    g.add_argument("--checkpoint-every", type=pos_int, default=None, metavar="STEPS",
+                   help="also checkpoint every STEPS optimizer steps (default: once per epoch)")
+    g.add_argument("--clip-norm", type=pos_float, default=None, help="clip each parameter's gradient norm")
 
 
 def _parser() -> _Parser:
@@ -104,7 +125,7 @@ def _parser() -> _Parser:
     c.add_argument("--out", type=Path, default=None, help="folder for the runs and the table (default: runs/compare-<time>)")
     c.add_argument("--eval-samples", type=pos_int, default=5000, help="K for the IS log-likelihood (default: 5000)")
     c.add_argument("--eval-points", type=pos_int, default=2000, help="test points for the IS log-likelihood (default: 2000)")
-    c.add_argument("--snr-repeats", type=pos_int, default=50, help="gradient draws for the SNR (default: 50)")
+    c.add_argument("--snr-repeats", type=_at_least_two, default=50, help="gradient draws for the SNR (default: 50)")
     c.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("evaluate", help="IS log-likelihood and ELBO of a trained run on its test set")
@@ -112,13 +133,13 @@ def _parser() -> _Parser:
     e.add_argument("--samples", type=pos_int, default=5000, help="K importance samples per point (default: 5000)")
     e.add_argument("--points", type=pos_int, default=None, help="only the first N test points (default: all)")
     e.add_argument("--device", default="auto")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=_seed, default=0)
     e.add_argument("--quiet", action="store_true")
 
     s = sub.add_parser("sample", help="draw from the prior of a trained run and save a PNG grid")
     s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     s.add_argument("--num", type=pos_int, default=64, help="number of samples (default: 64)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plots/samples.png)")
     s.add_argument("--device", default="auto")
     return p
@@ -184,8 +205,12 @@ def _sample(a: argparse.Namespace) -> None:
     from . import plots
     from .experiment import load_run
 
+    if a.out is not None and a.out.suffix.lower() != ".png":
+        raise UserError(f"--out {a.out}: samples are written as PNG; give a path ending in .png")
     run, spec, model, guide, test, device = load_run(a.run_dir, a.device)
-    out = a.out or run.plots() / "samples.png"
+    if not plots.is_image(test.image_shape):
+        raise UserError(f"the data of {run.path} are {test.image_shape}-shaped vectors, not images to draw")
+    out = a.out or run.path / "plots" / "samples.png"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         path = plots.prior_samples(model, test, out, n=a.num, seed=a.seed, device=device)
@@ -201,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"pyro-vae: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"pyro-vae: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130

@@ -125,9 +125,10 @@ def plot_comparison(rows: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     labels = [r["estimator"] for r in rows]
-    ax.bar(labels, [r["nll"] for r in rows], yerr=[r["nll_se"] for r in rows], capsize=4, color="tab:blue")
-    lo = min(r["nll"] - 3 * r["nll_se"] for r in rows)
-    hi = max(r["nll"] + 3 * r["nll_se"] for r in rows)
+    se = [r["nll_se"] if math.isfinite(r["nll_se"]) else 0.0 for r in rows]  # one test point: no spread
+    ax.bar(labels, [r["nll"] for r in rows], yerr=se, capsize=4, color="tab:blue")
+    lo = min(r["nll"] - 3 * s for r, s in zip(rows, se))
+    hi = max(r["nll"] + 3 * s for r, s in zip(rows, se))
     ax.set_ylim(lo - 0.1 * (hi - lo + 1), hi + 0.1 * (hi - lo + 1))
     ax.set_ylabel("test NLL, nats (lower is better)")
     ax.set_title("Test negative log-likelihood (IS), ± 1 s.e.")

@@ -68,7 +68,10 @@ class ArrayDataset:
             raise UserError(f"image_shape {shape} does not match {flat.shape[1]} values per point")
         if labels is not None:
             if not isinstance(labels, torch.Tensor):
-                labels = torch.as_tensor(np.asarray(labels))
+                try:
+                    labels = torch.as_tensor(np.asarray(labels))
+                except (TypeError, ValueError, RuntimeError):
+                    raise UserError(f"labels must be integers, got {np.asarray(labels).dtype}") from None
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise UserError(f"labels must be integers, got dtype {labels.dtype}")
             if labels.shape != (flat.shape[0],):
@@ -317,7 +320,42 @@ def load_mnist(root: str | Path) -> tuple[Split, Split]:
     return _load_mnist(Path(root), MNIST_FINGERPRINT)
 
 
-DATASETS: dict[str, Callable[[Path], tuple[Split, Split]]] = {"mnist": load_mnist}
+def load_npz(path: str | Path) -> tuple[Split, Split]:
+    """Your own arrays: an .npz file with x_train and x_test (N, ...) and, optionally, y_train and y_test.
+
+    uint8 images are scaled by 1/255; float data are taken as they are (values in [0, 1] for a
+    Bernoulli likelihood). Used as ``--dataset npz --data-root FILE.npz``.
+    """
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(f"{path} is a single array, not an .npz archive with x_train and x_test "
+                            "(save with numpy.savez)")
+        with loaded as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise UserError(f"no data file at {path}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise UserError(f"{path} is not a readable .npz file ({_one_line(e)})") from None
+    missing = [k for k in ("x_train", "x_test") if k not in arrays]
+    if missing:
+        raise UserError(f"{path} has no {', '.join(missing)} (it has: {', '.join(sorted(arrays)) or 'nothing'})")
+    splits = []
+    for part in ("train", "test"):
+        x, y = arrays[f"x_{part}"], arrays.get(f"y_{part}")
+        if x.ndim < 2:
+            raise UserError(f"{path}: x_{part} must be shaped (N, ...) with one row per point, got {x.shape}")
+        if y is not None and y.shape != (x.shape[0],):
+            raise UserError(f"{path}: y_{part} must have shape ({x.shape[0]},), got {y.shape}")
+        splits.append(Split(x, y))
+    if splits[0].images.shape[1:] != splits[1].images.shape[1:]:
+        raise UserError(f"{path}: x_train points are {splits[0].images.shape[1:]}, x_test points "
+                        f"{splits[1].images.shape[1:]}")
+    return splits[0], splits[1]
+
+
+DATASETS: dict[str, Callable[[Path], tuple[Split, Split]]] = {"mnist": load_mnist, "npz": load_npz}
 
 
 def load_dataset(name: str, root: str | Path, *, binarize: str = "dynamic",
@@ -327,7 +365,10 @@ def load_dataset(name: str, root: str | Path, *, binarize: str = "dynamic",
         raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
     _check_mode(binarize)  # before loading, so a typo costs no download
     train, test = DATASETS[name](Path(root))
-    return (
-        ArrayDataset(train.images, train.labels, binarize=binarize, seed=seed),
-        ArrayDataset(test.images, test.labels, binarize=binarize, seed=seed + 1),
-    )
+    try:
+        return (
+            ArrayDataset(train.images, train.labels, binarize=binarize, seed=seed),
+            ArrayDataset(test.images, test.labels, binarize=binarize, seed=seed + 1),
+        )
+    except UserError as e:
+        raise UserError(f"{name} data from {root}: {e}") from None

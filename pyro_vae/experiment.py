@@ -33,9 +33,12 @@ def load_data(spec: RunSpec) -> tuple[ArrayDataset, ArrayDataset]:
 
 
 def build(spec: RunSpec, x_dim: int):
+    """The run's model, guide and estimator; the networks' initial weights depend on the seed alone."""
     options = {**spec.network, "x_dim": x_dim}
-    model = make_component(MODELS, spec.model, "model", options)
-    guide = make_component(GUIDES, spec.guide, "guide", options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.train.seed)
+        model = make_component(MODELS, spec.model, "model", options)
+        guide = make_component(GUIDES, spec.guide, "guide", options)
     estimator = make_estimator(ESTIMATORS, spec.estimator, spec.estimator_options)
     return model, guide, estimator
 
@@ -49,6 +52,11 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
         if saved.to_dict() | {"train": {}} != spec.to_dict() | {"train": {}}:
             raise UserError(f"--resume {out}: the run was made with another model/data config; "
                             f"resume it with the options in {out / CONFIG}")
+        changed = [f.replace("_", "-") for f in ("batch_size", "lr", "seed", "clip_norm")
+                   if getattr(saved.train, f) != getattr(spec.train, f)]
+        if changed:
+            raise UserError(f"--resume {out}: --{', --'.join(changed)} differ from the run's; only --epochs, "
+                            "--device and --checkpoint-every may change when resuming")
     train, test = load_data(spec)
     model, guide, estimator = build(spec, train.dim)
     device = resolve_device(spec.train.device)
@@ -80,10 +88,12 @@ def evaluate_run(run: RunDir, model, guide, test: ArrayDataset, num_samples: int
 
 def write_plots(run: RunDir, model, guide, test: ArrayDataset, history: History, device) -> list[Path]:
     p = run.plots()
-    return [plots.learning_curves(history.rows, p / "learning_curves.png"),
-            plots.reconstructions(model, guide, test, p / "reconstructions.png", device=device),
-            plots.prior_samples(model, test, p / "prior_samples.png", device=device),
-            plots.latent_scatter(guide, test, p / "latents_2d.png", device=device)]
+    written = [plots.learning_curves(history.rows, p / "learning_curves.png"),
+               plots.latent_scatter(guide, test, p / "latents_2d.png", device=device)]
+    if plots.is_image(test.image_shape):  # grids of vectors that are not images would show nothing
+        written += [plots.reconstructions(model, guide, test, p / "reconstructions.png", device=device),
+                    plots.prior_samples(model, test, p / "prior_samples.png", device=device)]
+    return written
 
 
 def load_run(path: Path, device_name: str):

@@ -1,6 +1,7 @@
 """Per-latent statistics of a trained pair: KL to the prior and active units, read from traces."""
 from __future__ import annotations
 
+import pyro
 import torch
 
 from .data import ArrayDataset
@@ -16,7 +17,8 @@ def mean_kl(model, guide, data: ArrayDataset, num_samples: int = 10, batch_size:
     gen = torch.Generator().manual_seed(0)
     total, n = 0.0, 0
     for x, _ in data.batches(batch_size, shuffle=False, generator=gen, device=device):
-        model_tr, guide_tr = particle_traces(model, guide, num_samples, x)
+        with pyro.get_param_store().scope():
+            model_tr, guide_tr = particle_traces(model, guide, num_samples, x)
         kl = 0.0
         for name in latent_sites(guide_tr):
             kl = kl + guide_tr.nodes[name]["fn"].log_prob(guide_tr.nodes[name]["value"])

@@ -44,9 +44,16 @@ def _observed(model, x: torch.Tensor) -> list[str]:
     return observed_sites(_trace(model, x))
 
 
+def is_image(shape: tuple[int, ...]) -> bool:
+    """(H, W), (C, H, W) or (H, W, C) with C in 1, 3, 4: data the image grids can show."""
+    return len(shape) == 2 or (len(shape) == 3 and (shape[0] in (1, 3, 4) or shape[-1] in (1, 3, 4)))
+
+
 def _images(flat: torch.Tensor, image_shape: tuple[int, ...]) -> torch.Tensor:
     imgs = flat.detach().float().cpu().clamp(0, 1).reshape(-1, *image_shape)
-    return imgs.unsqueeze(1) if imgs.dim() == 3 else imgs
+    if imgs.dim() == 3:
+        return imgs.unsqueeze(1)
+    return imgs if image_shape[0] in (1, 3, 4) else imgs.permute(0, 3, 1, 2)  # channels last -> first
 
 
 def _save_grid(imgs: torch.Tensor, nrow: int, title: str, path: Path) -> Path:
@@ -64,9 +71,17 @@ def _save_grid(imgs: torch.Tensor, nrow: int, title: str, path: Path) -> Path:
 def learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [r["epoch"] for r in rows]
-    ax.plot(epochs, [r["train_elbo"] for r in rows], marker="o", label="train (running, dynamic binarization)")
+    marker = {"marker": "o", "markersize": 3} if len(rows) <= 40 else {}
+    series = [("train (running, dynamic binarization)", [r["train_elbo"] for r in rows])]
     if rows and "test_elbo" in rows[0]:
-        ax.plot(epochs, [r["test_elbo"] for r in rows], marker="s", label="test")
+        series.append(("test", [r["test_elbo"] for r in rows]))
+    for label, values in series:
+        ax.plot(epochs, values, label=label, **marker)
+    later = [v for _, values in series for v in values[max(1, len(values) // 20):]]
+    if len(rows) > 3 and later:
+        # the first epochs sit far below the rest; leaving them off the axis shows the part that matters
+        lo, hi = min(later), max(later)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     ax.set_xlabel("epoch")
     ax.set_ylabel("bound (nats per image, higher is better)")
     ax.set_title("Learning curves")

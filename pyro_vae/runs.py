@@ -25,6 +25,8 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     device: str = "auto"
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: once per epoch
+    clip_norm: float | None = None       # clip each parameter's gradient norm (Pyro's clip_args)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -32,6 +34,12 @@ class TrainConfig:
                 raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if not (float(self.lr) > 0):
             raise UserError(f"lr must be positive, got {self.lr}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise UserError(f"seed must be an integer in [0, 2**32), got {self.seed}")
+        for name in ("checkpoint_every", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"{name.replace('_', '-')} must be positive, got {value}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UserError(f"unknown device {self.device!r}; use auto, cpu or cuda")
 
@@ -86,7 +94,7 @@ def make_estimator(registry: dict[str, type], name: str, options: dict[str, Any]
                         f"its options: {', '.join(sorted(known)) or 'none'}")
     try:
         return cls(**options)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise UserError(f"bad options for estimator {name!r}: {e}") from e
 
 
@@ -127,15 +135,17 @@ class RunDir:
         path = self.path / name
         try:
             return json.loads(path.read_text())
-        except FileNotFoundError as e:
+        except (FileNotFoundError, NotADirectoryError) as e:
             raise UserError(f"{self.path} is not a run folder: no {name}") from e
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is corrupted: {e}") from e
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from e
 
     def spec(self) -> RunSpec:
         try:
             return RunSpec.from_dict(self.read_json(CONFIG)["spec"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{self.path / CONFIG} is not a pyro-vae run config") from e
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:

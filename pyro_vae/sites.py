@@ -10,7 +10,9 @@ from .errors import UserError
 
 
 def _trace(fn, *args, **kwargs) -> poutine.Trace:
-    with pyro.get_param_store().scope():  # keep probing traces from registering params globally
+    """Trace a program for inspection without side effects: no global params, no RNG draws used up."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=cuda):
         return poutine.trace(fn).get_trace(*args, **kwargs)
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,9 +31,18 @@ class TrainingDiverged(UserError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but this machine has no usable CUDA device")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but this machine has no usable CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,6 +87,45 @@ def test_bound(svi: SVI, data: ArrayDataset, batch_size: int, device: torch.devi
     return -total / len(data)
 
 
+class Interrupted(Exception):
+    """Ctrl-C during training; a consistent checkpoint was written first when the run has a folder."""
+
+
+class _SigintFlag:
+    """The first Ctrl-C asks the loop to stop after the current step; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = None
+
+    def __enter__(self) -> "_SigintFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+@dataclass
+class _Position:
+    """Where training stands, as saved in a checkpoint: mid-epoch when ``batch`` > 0."""
+
+    epoch: int = 1          # the epoch in progress
+    batch: int = 0          # batches of it already done
+    step: int = 0
+    total: float = 0.0      # running loss and images of the epoch in progress
+    seen: int = 0
+    seconds: float = 0.0
+    epoch_rng: torch.Tensor | None = None  # the data generator's state when this epoch began
+
+
 def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, train_data: ArrayDataset,
         test_data: ArrayDataset | None, config: TrainConfig, *, run_dir: RunDir | None = None,
         resume: bool = False, run_config: dict[str, Any] | None = None, quiet: bool = False,
@@ -83,16 +133,34 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
     """Train ``model`` and ``guide`` with ``SVI(model, guide, Adam, loss=estimator)``.
 
     The run works in a param store of its own, so two fits in one process never share parameters.
-    With ``run_dir``, each epoch writes a checkpoint (model, guide, optimizer, epoch, RNG states,
-    ``run_config``) and the metrics; ``resume=True`` continues from the last checkpoint there.
+    With ``run_dir``, a checkpoint (model, guide, optimizer, position, RNG states, metrics,
+    ``run_config``) is written after every epoch, and every ``config.checkpoint_every`` steps if set;
+    ``resume=True`` continues from the last one and ends bit-identical (on the CPU) to a run that was
+    never stopped. Ctrl-C writes a checkpoint and raises ``Interrupted``.
     """
     device = resolve_device(config.device)
     model.to(device)
     guide.to(device)
     history = History()
     data_gen = torch.Generator()
-    optim = pyro.optim.Adam({"lr": config.lr})
-    with pyro.get_param_store().scope():
+    clip = {"clip_args": {"clip_norm": config.clip_norm}} if config.clip_norm else {}
+    optim = pyro.optim.Adam({"lr": config.lr}, **clip)
+    pos = _Position()
+
+    def save() -> None:
+        if run_dir is None:
+            return
+        if not _all_finite(model, guide):
+            raise TrainingDiverged(f"parameters became non-finite at epoch {pos.epoch}, step {pos.step}; "
+                                   f"stopped, the last good checkpoint in {run_dir.path} is kept")
+        save_checkpoint(run_dir.path, {
+            "model": model.state_dict(), "guide": guide.state_dict(), "optimizer": optim.get_state(),
+            "epoch": pos.epoch, "batch": pos.batch, "step": pos.step, "partial": [pos.total, pos.seen, pos.seconds],
+            "epoch_rng": pos.epoch_rng, "rng": rng_state(), "data_rng": data_gen.get_state(),
+            "metrics": history.rows, "config": run_config or {}})
+        run_dir.write_metrics(history.rows)
+
+    with pyro.get_param_store().scope(), _SigintFlag() as sigint:
         pyro.set_rng_seed(config.seed)
         data_gen.manual_seed(config.seed)
         probe, _ = next(train_data.batches(min(len(train_data), 64), shuffle=False,
@@ -102,6 +170,10 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
         if test_data is not None:
             check_data_fits(model, next(test_data.batches(min(len(test_data), 64), shuffle=False,
                                                           generator=torch.Generator(), device=device))[0])
+        with torch.no_grad():
+            # lazy set-up inside an estimator (e.g. Pyro guessing max_plate_nesting) may draw random
+            # numbers: do it now, so a resumed run's restored RNG stream is not consumed by it
+            estimator(model, guide, probe)
         if resume:
             if run_dir is None:
                 raise UserError("resume needs a run folder")
@@ -114,36 +186,49 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 raise UserError(f"the checkpoint in {run_dir.path} does not fit this model/guide "
                                 f"(was the config changed?): {first}") from e
             optim.set_state(ckpt["optimizer"])
-            set_rng_state(ckpt["rng"])
-            data_gen.set_state(ckpt["data_rng"])
             history.rows = list(ckpt["metrics"])
+            if ckpt["batch"]:  # stopped mid-epoch: replay that epoch's data order up to where it was
+                pos = _Position(ckpt["epoch"], ckpt["batch"], ckpt["step"], *ckpt["partial"], ckpt["epoch_rng"])
+                data_gen.set_state(ckpt["epoch_rng"])
+            else:
+                pos = _Position(ckpt["epoch"] + 1, 0, ckpt["step"])
+                data_gen.set_state(ckpt["data_rng"])
+            set_rng_state(ckpt["rng"])
         svi = SVI(model, guide, optim, loss=estimator)
-        step = history.rows[-1]["step"] if history.rows else 0
-        for epoch in range(history.epoch + 1, config.epochs + 1):
-            t0 = time.perf_counter()
-            total, seen = 0.0, 0
-            bar = tqdm(total=len(train_data), desc=f"epoch {epoch}/{config.epochs}", unit="img",
+        for epoch in range(pos.epoch, config.epochs + 1):
+            if pos.batch == 0:
+                pos = _Position(epoch, 0, pos.step, epoch_rng=data_gen.get_state())
+            t0 = time.perf_counter() - pos.seconds
+            bar = tqdm(total=len(train_data), initial=pos.seen, desc=f"epoch {epoch}/{config.epochs}", unit="img",
                        leave=False, disable=quiet, file=sys.stderr, mininterval=0.5)
-            for x, _ in train_data.batches(config.batch_size, shuffle=True, generator=data_gen, device=device):
+            batches = train_data.batches(config.batch_size, shuffle=True, generator=data_gen, device=device)
+            for i, (x, _) in enumerate(batches):
+                if i < pos.batch:
+                    continue  # drawn again only to advance the generator exactly as the first time
                 loss = svi.step(x)
-                step += 1
+                pos.step += 1
                 if not math.isfinite(loss):
                     bar.close()
                     raise TrainingDiverged(
-                        f"loss became {loss} at epoch {epoch}, step {step}; stopped. "
-                        + (f"The last good checkpoint is kept in {run_dir.path}" if run_dir else "")
-                        + " (try a smaller --lr)")
-                total += loss
-                seen += x.shape[0]
+                        f"loss became {loss} at epoch {epoch}, step {pos.step}; stopped. "
+                        + (f"The last good checkpoint is kept in {run_dir.path}."
+                           if run_dir and (run_dir.path / "checkpoint.pt").exists() else "No checkpoint was written.")
+                        + " (try a smaller --lr or --clip-norm)")
+                pos.batch, pos.total, pos.seen = i + 1, pos.total + loss, pos.seen + x.shape[0]
+                pos.seconds = time.perf_counter() - t0
                 bar.update(x.shape[0])
-                bar.set_postfix(loss=f"{total / seen:.2f}")
+                bar.set_postfix(loss=f"{pos.total / pos.seen:.2f}")
+                if sigint.raised:
+                    bar.close()
+                    save()
+                    where = f"epoch {epoch}, step {pos.step}"
+                    raise Interrupted(f"interrupted at {where}; " + (
+                        f"checkpoint saved, continue with --resume {run_dir.path}" if run_dir else "nothing saved"))
+                if config.checkpoint_every and pos.step % config.checkpoint_every == 0 and pos.seen < len(train_data):
+                    save()
             bar.close()
-            seconds = time.perf_counter() - t0
-            if not _all_finite(model, guide):
-                raise TrainingDiverged(f"parameters became non-finite in epoch {epoch}, step {step}; stopped, "
-                                       "no checkpoint written over the last good one")
-            row = {"epoch": epoch, "step": step, "train_elbo": -total / seen, "seconds": seconds,
-                   "images_per_s": seen / seconds}
+            row = {"epoch": epoch, "step": pos.step, "train_elbo": -pos.total / pos.seen, "seconds": pos.seconds,
+                   "images_per_s": pos.seen / pos.seconds}
             if test_data is not None:
                 # a fixed seed keeps the test bound comparable across epochs and untouched by training RNG
                 state = rng_state()
@@ -151,12 +236,11 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 row["test_elbo"] = test_bound(svi, test_data, max(config.batch_size, 500), device, config.seed)
                 set_rng_state(state)
             history.rows.append(row)
-            if run_dir is not None:
-                save_checkpoint(run_dir.path, {
-                    "model": model.state_dict(), "guide": guide.state_dict(), "optimizer": optim.get_state(),
-                    "epoch": epoch, "step": step, "rng": rng_state(), "data_rng": data_gen.get_state(),
-                    "metrics": history.rows, "config": run_config or {}})
-                run_dir.write_metrics(history.rows)
+            pos = _Position(epoch, 0, pos.step)
+            save()
+            if sigint.raised and epoch < config.epochs:
+                raise Interrupted(f"interrupted after epoch {epoch}; " + (
+                    f"checkpoint saved, continue with --resume {run_dir.path}" if run_dir else "nothing saved"))
             if on_epoch is not None:
                 on_epoch(row)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),

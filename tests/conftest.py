@@ -5,6 +5,9 @@ import torch
 
 from pyro_vae.data import ArrayDataset, Split
 
+# The tests use small tensors, where one thread is fastest and a second only competes with other jobs.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _clean_state():

@@ -37,7 +37,7 @@ def test_compare_trains_each_estimator_and_writes_table_and_plots(fake_dataset, 
     ("iwae:beta=2", "has no option beta; its options: num_particles"),
     ("iwae:k", "is not key=value"),
     ("renyi:alpha=x", "needs a number"),
-    ("iwae:k=0", "num_particles must be positive"),
+    ("iwae:k=0", "num_particles must be a positive integer"),
     ("elbo,elbo", "the same estimator twice"),
     ("", "at least one estimator"),
 ])

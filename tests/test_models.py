@@ -32,8 +32,6 @@ def test_pair_sites_match_and_loss_is_finite(model_name, guide_name):
     assert set(latent_sites(_trace(model, x))) == set(latent_sites(_trace(guide, x)))
     loss = ELBO()(model, guide, x)
     assert loss.shape == () and torch.isfinite(loss)
-    # a 64-pixel Bernoulli model cannot have a bound below -64 * log(2) by much at init, nor above 0
-    assert 0 < loss.item() / 5 < 64 * 5
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))

@@ -6,6 +6,7 @@ correct per data point whatever the batch size.
 """
 from __future__ import annotations
 
+import numbers
 from weakref import WeakKeyDictionary
 
 import pyro
@@ -17,6 +18,11 @@ from ..errors import UserError
 from ..sites import _trace, latent_sites, max_plate_nesting, sample_sites
 
 _NESTING: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def check_num_particles(n: int) -> None:
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"num_particles must be a positive integer, got {n!r}")
 
 
 def plate_nesting(model, *args, **kwargs) -> int:
@@ -43,7 +49,8 @@ def particle_traces(model, guide, k: int, *args, **kwargs) -> tuple[poutine.Trac
 
 def _site_log_prob(site: dict, nesting: int, stop_params: bool) -> torch.Tensor:
     fn = detach(site["fn"]) if stop_params else site["fn"]
-    lp = scale_and_mask(fn.log_prob(site["value"]), site["scale"], site["mask"])  # poutine.scale, e.g. beta
+    # the mask applies; a poutine.scale does not: log w is the model's own log p(x,z) - log q(z|x)
+    lp = scale_and_mask(fn.log_prob(site["value"]), 1.0, site["mask"])
     lp = lp.reshape((1,) * (nesting + 1 - lp.dim()) + lp.shape)
     if nesting > 1:  # plates nested inside a data point belong to that point's weight
         lp = lp.sum(dim=tuple(range(1, nesting)))
@@ -60,6 +67,11 @@ def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
     """
     model_tr, guide_tr = particle_traces(model, guide, k, *args, **kwargs)
     nesting = plate_nesting(model, *args, **kwargs)
+    for name in latent_sites(model_tr):
+        if not any(f.dim == -1 and f.vectorized for f in model_tr.nodes[name]["cond_indep_stack"]
+                   if f.name != "_particles"):
+            raise UserError(f"importance weights need every latent inside the data plate at dim -1; "
+                            f"{name!r} is global, so its weight would be shared by all points")
     log_w = 0.0
     for site in sample_sites(model_tr).values():
         log_w = log_w + _site_log_prob(site, nesting, False)
@@ -67,7 +79,16 @@ def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
         log_w = log_w - _site_log_prob(site, nesting, stop_guide_params)
     if not torch.is_tensor(log_w) or log_w.dim() != 2:
         raise UserError("could not form per-point log-weights: the model must sample in pyro.plate('data') at dim -1")
-    return log_w, guide_tr
+    return log_w, (model_tr, guide_tr)
+
+
+def require_unscaled(model_tr: poutine.Trace, guide_tr: poutine.Trace, estimator: str) -> None:
+    """A scale (poutine.scale, a subsampled plate) does not commute with the logsumexp of the weights."""
+    for tr in (model_tr, guide_tr):
+        for name, site in sample_sites(tr).items():
+            if not (isinstance(site["scale"], (int, float)) and site["scale"] == 1.0):
+                raise UserError(f"{estimator} needs unscaled sites, but {name!r} is scaled (poutine.scale or a "
+                                "subsampled plate); use the elbo estimator")
 
 
 def require_reparameterized(guide_tr: poutine.Trace, estimator: str) -> None:
@@ -96,3 +117,14 @@ def require_independent_guide_sites(guide_tr: poutine.Trace, estimator: str) -> 
         if feeding:
             raise UserError(f"{estimator} needs guide latents that do not feed each other, but the guide's "
                             f"{name!r} depends on {', '.join(map(repr, feeding))}")
+
+
+def estimator_log_weights(name: str, model, guide, k: int, args: tuple, kwargs: dict, *,
+                          path_derivative: bool = False) -> tuple[torch.Tensor, poutine.Trace]:
+    """log_weights for an importance-weighted estimator, after checking what its gradient needs."""
+    log_w, (model_tr, guide_tr) = log_weights(model, guide, k, *args, stop_guide_params=path_derivative, **kwargs)
+    require_reparameterized(guide_tr, name)
+    require_unscaled(model_tr, guide_tr, name)
+    if path_derivative:
+        require_independent_guide_sites(guide_tr, name)
+    return log_w, guide_tr

@@ -7,6 +7,8 @@ from typing import ClassVar
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
+from ._weights import check_num_particles
+
 
 @dataclass(frozen=True)
 class AnalyticKL:
@@ -25,8 +27,7 @@ class AnalyticKL:
     _elbo: TraceMeanField_ELBO = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if int(self.num_particles) <= 0:
-            raise ValueError(f"num_particles must be positive, got {self.num_particles}")
+        check_num_particles(self.num_particles)
         elbo = TraceMeanField_ELBO(num_particles=self.num_particles, vectorize_particles=self.num_particles > 1)
         object.__setattr__(self, "_elbo", elbo)
 

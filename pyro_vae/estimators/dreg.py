@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..sites import latent_sites
-from ._weights import log_weights, require_independent_guide_sites, require_reparameterized
+from ._weights import check_num_particles, estimator_log_weights
 
 
 @dataclass(frozen=True)
@@ -29,21 +29,22 @@ class DReG:
     value_from_log_weights: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if int(self.num_particles) <= 0:
-            raise ValueError(f"num_particles must be positive, got {self.num_particles}")
+        check_num_particles(self.num_particles)
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        log_w, guide_tr = log_weights(model, guide, self.num_particles, *args, stop_guide_params=True, **kwargs)
-        require_reparameterized(guide_tr, "dreg")
-        require_independent_guide_sites(guide_tr, "dreg")
+        log_w, guide_tr = estimator_log_weights("dreg", model, guide, self.num_particles, args, kwargs,
+                                                path_derivative=True)
         value = -(torch.logsumexp(log_w, 0) - math.log(self.num_particles)).sum()
         if not log_w.requires_grad:
             return value
         w = torch.softmax(log_w.detach(), 0)
         for name in latent_sites(guide_tr):
-            z = guide_tr.nodes[name]["value"]
-            if z.requires_grad:
+            site = guide_tr.nodes[name]
+            if site["value"].requires_grad:
+                # (K, B) weights laid out as the site's (K, inner plates..., B, event...) value
+                inner = len(site["fn"].batch_shape) - 2
+                shape = (w.shape[0],) + (1,) * inner + (w.shape[1],) + (1,) * len(site["fn"].event_shape)
                 # the surrogate below sends w~ through z; this hook makes it w~^2 on the path to phi
-                z.register_hook(lambda g, w=w: g * w.reshape(w.shape + (1,) * (g.dim() - w.dim())))
+                site["value"].register_hook(lambda g, w=w.reshape(shape): g * w)
         surrogate = -(w * log_w).sum()
         return value.detach() + (surrogate - surrogate.detach())

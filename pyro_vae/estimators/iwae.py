@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ._weights import log_weights, require_reparameterized
+from ._weights import check_num_particles, estimator_log_weights
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,8 @@ class IWAE:
     value_from_log_weights: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if int(self.num_particles) <= 0:
-            raise ValueError(f"num_particles must be positive, got {self.num_particles}")
+        check_num_particles(self.num_particles)
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        log_w, guide_tr = log_weights(model, guide, self.num_particles, *args, **kwargs)
-        require_reparameterized(guide_tr, "iwae")
+        log_w, _ = estimator_log_weights("iwae", model, guide, self.num_particles, args, kwargs)
         return -(torch.logsumexp(log_w, 0) - math.log(self.num_particles)).sum()

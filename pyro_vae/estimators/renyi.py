@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ._weights import log_weights, require_reparameterized
+from ._weights import check_num_particles, estimator_log_weights
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,12 @@ class Renyi:
     value_from_log_weights: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if int(self.num_particles) <= 0:
-            raise ValueError(f"num_particles must be positive, got {self.num_particles}")
+        check_num_particles(self.num_particles)
         if not math.isfinite(float(self.alpha)):
             raise ValueError(f"alpha must be a finite number, got {self.alpha}")
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        log_w, guide_tr = log_weights(model, guide, self.num_particles, *args, **kwargs)
-        require_reparameterized(guide_tr, "renyi")
+        log_w, _ = estimator_log_weights("renyi", model, guide, self.num_particles, args, kwargs)
         if self.alpha == 1:
             return -log_w.mean(0).sum()
         one_minus = 1.0 - float(self.alpha)

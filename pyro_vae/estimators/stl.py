@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from ._weights import log_weights, require_independent_guide_sites, require_reparameterized
+from ._weights import check_num_particles, estimator_log_weights
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,8 @@ class STL:
     value_from_log_weights: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if int(self.num_particles) <= 0:
-            raise ValueError(f"num_particles must be positive, got {self.num_particles}")
+        check_num_particles(self.num_particles)
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        log_w, guide_tr = log_weights(model, guide, self.num_particles, *args, stop_guide_params=True, **kwargs)
-        require_reparameterized(guide_tr, "stl")
-        require_independent_guide_sites(guide_tr, "stl")
+        log_w, _ = estimator_log_weights("stl", model, guide, self.num_particles, args, kwargs, path_derivative=True)
         return -log_w.mean(0).sum()
