@@ -8,16 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+from matplotlib.figure import Figure  # no pyplot: writing files never changes the user's backend
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .errors import UserError  # noqa: E402
-from .estimators import ESTIMATORS  # noqa: E402
-from .latent_stats import active_units, mean_kl  # noqa: E402
-from .runs import RunDir, RunSpec, make_estimator  # noqa: E402
-from .snr import gradient_snr  # noqa: E402
+from .errors import UserError
+from .estimators import ESTIMATORS
+from .latent_stats import active_units, mean_kl
+from .runs import RunDir, RunSpec, make_estimator
+from .snr import gradient_snr
 
 OPTION_ALIASES = {"k": "num_particles", "particles": "num_particles"}
 SNR_KS = (1, 5, 50)
@@ -110,7 +108,8 @@ def write_table(rows: list[dict], out: Path, base: RunSpec, eval_samples: int, e
 def plot_comparison(rows: list[dict], out: Path) -> None:
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for r in rows:
         ep, val = zip(*r["_curve"])
         ax.plot(ep, val, marker=".", label=r["estimator"])
@@ -121,9 +120,9 @@ def plot_comparison(rows: list[dict], out: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(plots / "learning_curves.png", dpi=100)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     labels = [r["estimator"] for r in rows]
     se = [r["nll_se"] if math.isfinite(r["nll_se"]) else 0.0 for r in rows]  # one test point: no spread
     ax.bar(labels, [r["nll"] for r in rows], yerr=se, capsize=4, color="tab:blue")
@@ -135,9 +134,9 @@ def plot_comparison(rows: list[dict], out: Path) -> None:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(plots / "nll.png", dpi=100)
-    plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     for r in rows:
         if r["_snr_k"]:
             ks = sorted(r["_snr_k"])
@@ -151,4 +150,3 @@ def plot_comparison(rows: list[dict], out: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(plots / "snr_vs_k.png", dpi=100)
-    plt.close(fig)

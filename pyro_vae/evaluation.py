@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyro
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data import ArrayDataset
 from .errors import UserError

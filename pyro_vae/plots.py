@@ -6,16 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+from matplotlib.figure import Figure  # no pyplot: writing files never changes the user's backend
+import pyro
+import pyro.poutine as poutine
+import torch
+from torchvision.utils import make_grid
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyro  # noqa: E402
-import pyro.poutine as poutine  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-from .data import ArrayDataset  # noqa: E402
-from .sites import _trace, latent_sites, observed_sites  # noqa: E402
+from .data import ArrayDataset
+from .sites import _trace, latent_sites, observed_sites
 
 
 def _mean_or_sample(fn, value: torch.Tensor) -> torch.Tensor:
@@ -58,18 +56,19 @@ def _images(flat: torch.Tensor, image_shape: tuple[int, ...]) -> torch.Tensor:
 
 def _save_grid(imgs: torch.Tensor, nrow: int, title: str, path: Path) -> Path:
     grid = make_grid(imgs, nrow=nrow, padding=2, pad_value=1.0)
-    fig, ax = plt.subplots(figsize=(nrow * 0.6 + 0.5, grid.shape[1] / grid.shape[2] * nrow * 0.6 + 0.8))
+    fig = Figure(figsize=(nrow * 0.6 + 0.5, grid.shape[1] / grid.shape[2] * nrow * 0.6 + 0.8))
+    ax = fig.subplots()
     ax.imshow(grid.permute(1, 2, 0).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     epochs = [r["epoch"] for r in rows]
     marker = {"marker": "o", "markersize": 3} if len(rows) <= 40 else {}
     series = [("train (running, dynamic binarization)", [r["train_elbo"] for r in rows])]
@@ -89,7 +88,6 @@ def learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -128,16 +126,20 @@ def latent_scatter(guide, data: ArrayDataset, path: Path, n: int = 5000, device=
     else:
         z2 = z if z.shape[1] == 2 else torch.cat([z, torch.zeros_like(z)], 1)
         xlabel, ylabel, title = "z1", "z2", "Test posterior means"
-    fig, ax = plt.subplots(figsize=(6, 5.5))
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
+    classes = sorted(set(y.tolist()))
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc = ax.scatter(z2[:, 0], z2[:, 1], c=y.numpy(), cmap="tab10", s=3, alpha=0.7)
-    if data.labels is not None:
-        fig.colorbar(sc, ax=ax, label="label", ticks=sorted(set(y.tolist())))
+        for i, c in enumerate(classes):
+            pick = y == c
+            ax.scatter(z2[pick, 0], z2[pick, 1], s=3, alpha=0.6, color=cmap(i % cmap.N), label=str(c))
+    if data.labels is not None and len(classes) <= 20:
+        ax.legend(title="label", markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -15,7 +15,7 @@ import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import ArrayDataset

@@ -155,3 +155,22 @@ def test_resume_may_not_change_the_learning_rate_or_batch(fake_dataset, capsys, 
     assert run_cli(capsys, "train", *TINY, "--epochs", "1", "--out", run)[0] == 0
     one_line_error(capsys, "train", "--resume", run, "--lr", "0.01", "--batch-size", "10",
                    match="--batch-size, --lr differ from the run's")
+
+
+@pytest.mark.parametrize("shape,image", [((5,), False), ((6, 6, 3), True)])
+def test_vectors_and_colour_images_from_a_file(capsys, tmp_path, shape, image):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (60, *shape), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (20, *shape), dtype=np.uint8))
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--dataset", "npz", "--data-root", path, "--latent-dim", "2", "--hidden",
+                             "8", "--epochs", "1", "--batch-size", "20", "--eval-samples", "5", "--quiet", "--out", run)
+    assert code == 0, err
+    assert (run / "plots" / "latents_2d.png").is_file()
+    assert (run / "plots" / "reconstructions.png").is_file() == image
+    if image:
+        assert run_cli(capsys, "sample", run, "--num", "4")[0] == 0
+    else:
+        one_line_error(capsys, "sample", run, match="not images to draw")
