@@ -1,7 +1,6 @@
 """The VAE of Kingma & Welling (2014) with the 1-layer architecture of Burda et al. (2015)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyro

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 from matplotlib.figure import Figure  # no pyplot: writing files never changes the user's backend
 import torch
 

@@ -1,9 +1,7 @@
 """pyro_vae.data: binarization, batching, validation, and verified MNIST loading, all offline."""
-import io
 import socket
 import struct
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,9 +1,7 @@
 """IS log-likelihood: above the ELBO, tighter with more samples, bounded memory."""
-import math
 
 import numpy as np
 import pytest
-import torch
 
 import pyro_vae.evaluation as evaluation
 from pyro_vae.errors import UserError

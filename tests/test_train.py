@@ -13,7 +13,6 @@ from pyro_vae.models import BernoulliVAE
 from pyro_vae.runs import RunDir, TrainConfig
 from pyro_vae.train import TrainingDiverged, fit, resolve_device
 
-from conftest import SMALL_NET
 
 CFG = dict(x_dim=64, latent_dim=4, hidden=(32,))
 
