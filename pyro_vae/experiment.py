@@ -32,9 +32,13 @@ def load_data(spec: RunSpec) -> tuple[ArrayDataset, ArrayDataset]:
     return train, test
 
 
-def build(spec: RunSpec, x_dim: int):
-    """The run's model, guide and estimator; the networks' initial weights depend on the seed alone."""
+def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None):
+    """The run's model, guide and estimator; the networks' initial weights depend on the seed alone.
+
+    ``x_dim`` and ``image_shape`` go to every component whose config has such a field."""
     options = {**spec.network, "x_dim": x_dim}
+    if image_shape is not None:
+        options["image_shape"] = tuple(image_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
         model = make_component(MODELS, spec.model, "model", options)
@@ -58,7 +62,7 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
             raise UserError(f"--resume {out}: --{', --'.join(changed)} differ from the run's; only --epochs, "
                             "--device and --checkpoint-every may change when resuming")
     train, test = load_data(spec)
-    model, guide, estimator = build(spec, train.dim)
+    model, guide, estimator = build(spec, train.dim, train.image_shape)
     device = resolve_device(spec.train.device)
     run.write_json(CONFIG, {"spec": spec.to_dict(), "versions": versions(device),
                             "estimator": repr(estimator)})
@@ -102,7 +106,7 @@ def load_run(path: Path, device_name: str):
     spec = run.spec()
     ckpt = load_checkpoint(run.path / LATEST)
     train, test = load_data(spec)
-    model, guide, _ = build(spec, test.dim)
+    model, guide, _ = build(spec, test.dim, test.image_shape)
     try:
         model.load_state_dict(ckpt["model"])
         guide.load_state_dict(ckpt["guide"])
