@@ -5,9 +5,17 @@ Importable only as ``pyro_vae.guides`` (see models/__init__.py for why).
 if __name__ != "pyro_vae.guides":  # pragma: no cover
     raise ImportError("import this package as pyro_vae.guides, not as guides")
 
+from .conditional import ConditionalGuide
+from .conv import ConvGuide
 from .diagonal_normal import DiagonalNormalGuide
+from .m2 import M2Guide
+from .flow import IAFGuide
 from .linear_gaussian import LinearGaussianGuide
+from .point import PointGuide
+from .two_layer import TwoLayerGuide
 
-GUIDES = {"diagonal-normal": DiagonalNormalGuide, "linear-gaussian": LinearGaussianGuide}
+GUIDES = {"diagonal-normal": DiagonalNormalGuide, "conditional": ConditionalGuide, "m2": M2Guide, "iaf": IAFGuide, "point": PointGuide, "linear-gaussian": LinearGaussianGuide,
+          "conv": ConvGuide,
+          "two-layer": TwoLayerGuide}
 
-__all__ = ["LinearGaussianGuide", "GUIDES", "DiagonalNormalGuide"]
+__all__ = ["ConditionalGuide", "M2Guide", "ConvGuide", "LinearGaussianGuide", "GUIDES", "DiagonalNormalGuide"]

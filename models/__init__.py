@@ -6,9 +6,18 @@ exists twice under two module names.
 if __name__ != "pyro_vae.models":  # pragma: no cover - guards against `import models` from the repo root
     raise ImportError("import this package as pyro_vae.models, not as models")
 
+from .autoencoder import Autoencoder
 from .bernoulli_vae import BernoulliVAE
+from .beta_vae import BetaVAE
+from .conv_vae import ConvVAE
+from .cvae import ConditionalVAE
+from .m2 import M2
+from .gaussian_vae import GaussianVAE
 from .linear_gaussian import LinearGaussian
+from .two_layer_vae import TwoLayerVAE
 
-MODELS = {"vae": BernoulliVAE, "linear-gaussian": LinearGaussian}
+MODELS = {"vae": BernoulliVAE, "autoencoder": Autoencoder, "beta-vae": BetaVAE, "cvae": ConditionalVAE, "m2": M2, "linear-gaussian": LinearGaussian,
+          "conv-vae": ConvVAE, "gaussian-vae": GaussianVAE,
+          "two-layer-vae": TwoLayerVAE}
 
-__all__ = ["LinearGaussian", "MODELS", "BernoulliVAE"]
+__all__ = ["BetaVAE", "ConvVAE", "GaussianVAE", "ConditionalVAE", "M2", "LinearGaussian", "MODELS", "BernoulliVAE"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,22 @@ def _seed(text: str) -> int:
     return value
 
 
+def _non_negative(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
+
+
+_non_negative_int, _non_negative_float = _non_negative(int), _non_negative(float)
+
+
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
@@ -71,6 +88,15 @@ def _run_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-dim", type=pos_int, default=None, help="latent dimensions (default: 50)")
     g.add_argument("--hidden", type=_sizes, default=None, help="hidden layer sizes, e.g. 200,200 (default)")
     g.add_argument("--activation", default=None, help="tanh (default), relu or softplus")
+    g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=None,
+                   help="p(x|z) of conv-vae (default: bernoulli); gaussian for continuous data (--binarize none)")
+    g.add_argument("--obs-scale", type=pos_float, default=None, help="fixed Gaussian sigma (default: learned)")
+    g.add_argument("--channels", type=_sizes, default=None, help="conv channels per stride-2 layer (default: 32,64)")
+    g.add_argument("--beta", type=pos_float, default=None, help="KL weight of beta-vae (default: 4)")
+    g.add_argument("--kl-warmup", type=_non_negative_int, default=None, metavar="STEPS",
+                   help="beta-vae: raise the KL weight linearly to beta over STEPS optimizer steps (default: 0)")
+    g.add_argument("--aux-weight", type=_non_negative_float, default=None,
+                   help="m2: weight of the classification loss on labeled batches (default: 0)")
     g = t.add_argument_group("data")
     g.add_argument("--dataset", choices=sorted(DATASETS), default=None, help="(default: mnist)")
     g.add_argument("--data-root", default=None, help="where datasets are found or cached (default: ./data)")
@@ -78,6 +104,8 @@ def _run_options(t: argparse.ArgumentParser) -> None:
                    help="dynamic: a fresh Bernoulli draw per batch (default); static: one fixed draw; none: grayscale")
     g.add_argument("--train-points", type=pos_int, default=None, help="use only the first N training points")
     g.add_argument("--test-points", type=pos_int, default=None, help="use only the first N test points")
+    g.add_argument("--labeled", type=pos_int, default=None, metavar="N",
+                   help="semi-supervised: keep the labels of N training points (class-balanced), hide the rest")
     g = t.add_argument_group("training")
     g.add_argument("--epochs", type=pos_int, default=None, help="(default: 80, about 5 minutes on 2 CPU cores)")
     g.add_argument("--batch-size", type=pos_int, default=None, help="(default: 100)")
@@ -139,9 +167,24 @@ def _parser() -> _Parser:
     s = sub.add_parser("sample", help="draw from the prior of a trained run and save a PNG grid")
     s.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     s.add_argument("--num", type=pos_int, default=64, help="number of samples (default: 64)")
+    s.add_argument("--label", type=_non_negative_int, default=None,
+                   help="for a label-conditioned model (cvae, m2): draw this class only")
     s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/plots/samples.png)")
     s.add_argument("--device", default="auto")
+
+    d = sub.add_parser("diagnose", help="posterior diagnostics of a trained run: PSIS k-hat, ESS, inference gaps",
+                       description="Per-point PSIS k-hat, ESS and IS log p(x) of the guide as ArviZ InferenceData, "
+                                   "amortization and approximation gaps, active units, and plots, written into "
+                                   "RUN_DIR/diagnostics.")
+    d.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    d.add_argument("--points", type=pos_int, default=100, help="test points for k-hat and ESS (default: 100)")
+    d.add_argument("--samples", type=pos_int, default=1000, help="draws from q(z|x) per point, >= 100 (default: 1000)")
+    d.add_argument("--gap-points", type=pos_int, default=50, help="test points for the inference gaps (default: 50)")
+    d.add_argument("--gap-steps", type=pos_int, default=500, help="Adam steps of each local q*(z|x) (default: 500)")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--seed", type=_seed, default=0)
+    d.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -153,9 +196,15 @@ def _spec_from_args(a: argparse.Namespace):
     for flag, key in (("latent_dim", "latent_dim"), ("hidden", "hidden"), ("activation", "activation")):
         if getattr(a, flag) is not None:
             network[key] = getattr(a, flag)
+    for flag in ("likelihood", "obs_scale", "channels"):  # options of the conv and Gaussian models
+        if getattr(a, flag, None) is not None:
+            network[flag] = getattr(a, flag)
+    for flag, key in (("beta", "beta"), ("kl_warmup", "kl_warmup_steps"), ("aux_weight", "aux_weight")):
+        if getattr(a, flag, None) is not None:
+            network[key] = getattr(a, flag)
     data = dict(base.data)
     for flag, key in (("dataset", "name"), ("data_root", "root"), ("binarize", "binarize"),
-                      ("train_points", "train_points"), ("test_points", "test_points")):
+                      ("train_points", "train_points"), ("test_points", "test_points"), ("labeled", "labeled")):
         if getattr(a, flag) is not None:
             data[key] = getattr(a, flag)
     est_opts = dict(base.estimator_options)
@@ -213,16 +262,24 @@ def _sample(a: argparse.Namespace) -> None:
     out = a.out or run.path / "plots" / "samples.png"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        path = plots.prior_samples(model, test, out, n=a.num, seed=a.seed, device=device)
+        path = plots.prior_samples(model, test, out, n=a.num, seed=a.seed, device=device, label=a.label)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from e
     print(f"samples: {path}")
 
 
+def _diagnose(a: argparse.Namespace) -> None:
+    from .diagnose import diagnose_run
+
+    diagnose_run(a.run_dir, device=a.device, points=a.points, samples=a.samples, gap_points=a.gap_points,
+                 gap_steps=a.gap_steps, seed=a.seed, quiet=a.quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        {"train": _train, "compare": _compare, "evaluate": _evaluate, "sample": _sample}[args.command](args)
+        {"train": _train, "compare": _compare, "evaluate": _evaluate, "sample": _sample,
+         "diagnose": _diagnose}[args.command](args)
     except UserError as e:
         print(f"pyro-vae: error: {e}", file=sys.stderr)
         return 2

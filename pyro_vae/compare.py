@@ -12,6 +12,7 @@ import torch
 
 from .errors import UserError
 from .estimators import ESTIMATORS
+from .labels import eval_kwargs
 from .latent_stats import active_units, mean_kl
 from .runs import RunDir, RunSpec, make_estimator
 from .snr import gradient_snr
@@ -56,15 +57,16 @@ def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], ou
         run, model, guide, test, history, summary = train_run_objects(
             spec, out / label, eval_samples=eval_samples, eval_points=eval_points, quiet=quiet)
         device = next(model.parameters()).device
-        x = next(test.batches(min(100, len(test)), shuffle=False, generator=torch.Generator().manual_seed(0),
-                              device=device))[0]
+        x, y = next(test.batches(min(100, len(test)), shuffle=False, generator=torch.Generator().manual_seed(0),
+                                 device=device))
+        kw = eval_kwargs(model, y)
         est = make_estimator(ESTIMATORS, name, options)
-        snr = gradient_snr(model, guide, est, x, snr_repeats)
+        snr = gradient_snr(model, guide, est, x, snr_repeats, **kw)
         snr_k = {}
         if "num_particles" in ESTIMATORS[name].__dataclass_fields__:
             for k in SNR_KS:
                 other = make_estimator(ESTIMATORS, name, {**options, "num_particles": k})
-                snr_k[k] = gradient_snr(model, guide, other, x, snr_repeats)["encoder"]
+                snr_k[k] = gradient_snr(model, guide, other, x, snr_repeats, **kw)["encoder"]
         rows.append({
             "estimator": label,
             "test_elbo": summary["elbo"], "test_elbo_se": summary["elbo_se"],

@@ -12,6 +12,8 @@ from tqdm import tqdm
 from .data import ArrayDataset
 from .errors import UserError
 from .estimators._weights import log_weights
+from .labels import check_labels, eval_kwargs, label_use
+from .sites import _trace
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,15 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
     """Importance-sampled log p(x) per point with ``num_samples`` guide draws, and the ELBO from the same draws.
 
     log p(x) ~= logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K (Burda et al. 2016, eq. 14). Every
-    latent must be local to the data plate.
+    latent must be local to the data plate. A model whose labels are required is scored as log p(x | y);
+    one whose labels are optional as log p(x), its label a latent.
 
     Draws are processed in chunks of at most ``max_particles_per_chunk`` (particles x points), so memory
     is bounded whatever ``num_samples`` is.
     """
     if num_samples <= 0 or batch_size <= 0 or max_particles_per_chunk <= 0:
         raise UserError("num_samples, batch_size and max_particles_per_chunk must be positive")
+    check_labels(model, data.labels, "the evaluation data")
     gen = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, max_particles_per_chunk)
     chunk = max(1, max_particles_per_chunk // batch_size)
@@ -55,13 +59,14 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
     with pyro.get_param_store().scope(), pyro.validation_enabled(False):
         torch.manual_seed(seed)
         bar = tqdm(total=len(data), desc=f"IS log-likelihood (K={num_samples})", unit="pt", disable=quiet)
-        for x, _ in data.batches(batch_size, shuffle=False, generator=gen, device=device):
+        for x, y in data.batches(batch_size, shuffle=False, generator=gen, device=device):
+            kw = eval_kwargs(model, y)
             lse = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=torch.float64)
             total = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
             done = 0
             while done < num_samples:
                 k = min(chunk, num_samples - done)
-                lw = log_weights(model, guide, k, x)[0].double()
+                lw = log_weights(model, guide, k, x, **kw)[0].double()
                 lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
                 total += lw.sum(0)
                 done += k
@@ -71,3 +76,22 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
         bar.close()
     return Evaluation(elbo=torch.cat(elbos).numpy(), log_likelihood=torch.cat(lls).numpy(),
                       num_samples=num_samples)
+
+
+@torch.no_grad()
+def classification_accuracy(model, guide, data: ArrayDataset, *, batch_size: int = 1000,
+                            device: torch.device | str = "cpu") -> float:
+    """Share of points whose label is the mode of the guide's q(y|x), for a model with optional labels.
+
+    The model names its label site (``label_site``); the guide's distribution at that site, traced
+    without labels, is the classifier (M2's q(y|x), Kingma et al. 2014).
+    """
+    if label_use(model) != "optional" or data.labels is None:
+        raise UserError(f"{type(model).__name__} does not infer labels, or the data have none")
+    site = getattr(model, "label_site", "y")
+    correct = 0
+    gen = torch.Generator().manual_seed(0)
+    for x, y in data.batches(batch_size, shuffle=False, generator=gen, device=device):
+        fn = _trace(guide, x).nodes[site]["fn"]
+        correct += int((fn.probs.argmax(-1) == y).sum())
+    return correct / len(data)

@@ -16,8 +16,10 @@ from .checkpoint import LATEST, load_checkpoint
 from .data import ArrayDataset, load_dataset
 from .errors import UserError
 from .estimators import ESTIMATORS
-from .evaluation import Evaluation, evaluate
+from .evaluation import Evaluation, classification_accuracy, evaluate
+from .labels import label_use
 from .runs import CONFIG, EVALUATION, RunDir, RunSpec, make_component, make_estimator, versions
+from .semi_supervised import PartiallyLabeled
 from .train import History, fit, resolve_device
 
 
@@ -29,16 +31,28 @@ def load_data(spec: RunSpec) -> tuple[ArrayDataset, ArrayDataset]:
         train = train.head(int(d["train_points"]))
     if d.get("test_points"):
         test = test.head(int(d["test_points"]))
+    if d.get("labeled"):
+        train = PartiallyLabeled(train, int(d["labeled"]), seed=spec.train.seed)
     return train, test
 
 
-def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None):
+def classes_of(data: ArrayDataset) -> int | None:
+    """How many classes the labels range over (max + 1, at least 2), or None for unlabeled data."""
+    known = data.labels[data.labels >= 0] if data.labels is not None else None
+    return max(2, int(known.max()) + 1) if known is not None and known.numel() else None
+
+
+def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
+          num_classes: int | None = None):
     """The run's model, guide and estimator; the networks' initial weights depend on the seed alone.
 
-    ``x_dim`` and ``image_shape`` go to every component whose config has such a field."""
+    ``x_dim``, ``image_shape`` and ``num_classes`` (from the training labels, unless the network options
+    set it) go to every component whose config has such a field."""
     options = {**spec.network, "x_dim": x_dim}
     if image_shape is not None:
         options["image_shape"] = tuple(image_shape)
+    if num_classes is not None:
+        options.setdefault("num_classes", num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
         model = make_component(MODELS, spec.model, "model", options)
@@ -62,7 +76,7 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
             raise UserError(f"--resume {out}: --{', --'.join(changed)} differ from the run's; only --epochs, "
                             "--device and --checkpoint-every may change when resuming")
     train, test = load_data(spec)
-    model, guide, estimator = build(spec, train.dim, train.image_shape)
+    model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train))
     device = resolve_device(spec.train.device)
     run.write_json(CONFIG, {"spec": spec.to_dict(), "versions": versions(device),
                             "estimator": repr(estimator)})
@@ -85,6 +99,8 @@ def evaluate_run(run: RunDir, model, guide, test: ArrayDataset, num_samples: int
     result: Evaluation = evaluate(model, guide, data, num_samples=num_samples, device=device, seed=seed,
                                   quiet=quiet)
     summary = result.summary()
+    if label_use(model) == "optional" and test.labels is not None:
+        summary["accuracy"] = classification_accuracy(model, guide, test, device=device)
     run.write_json(EVALUATION, summary)
     np.savez_compressed(run.path / "evaluation.npz", elbo=result.elbo, log_likelihood=result.log_likelihood)
     return summary
@@ -93,7 +109,7 @@ def evaluate_run(run: RunDir, model, guide, test: ArrayDataset, num_samples: int
 def write_plots(run: RunDir, model, guide, test: ArrayDataset, history: History, device) -> list[Path]:
     p = run.plots()
     written = [plots.learning_curves(history.rows, p / "learning_curves.png"),
-               plots.latent_scatter(guide, test, p / "latents_2d.png", device=device)]
+               plots.latent_scatter(guide, test, p / "latents_2d.png", device=device, model=model)]
     if plots.is_image(test.image_shape):  # grids of vectors that are not images would show nothing
         written += [plots.reconstructions(model, guide, test, p / "reconstructions.png", device=device),
                     plots.prior_samples(model, test, p / "prior_samples.png", device=device)]
@@ -106,7 +122,7 @@ def load_run(path: Path, device_name: str):
     spec = run.spec()
     ckpt = load_checkpoint(run.path / LATEST)
     train, test = load_data(spec)
-    model, guide, _ = build(spec, test.dim, test.image_shape)
+    model, guide, _ = build(spec, test.dim, test.image_shape, classes_of(train))
     try:
         model.load_state_dict(ckpt["model"])
         guide.load_state_dict(ckpt["guide"])
@@ -121,3 +137,6 @@ def report(summary: dict[str, Any], file=None) -> None:
     print(f"test ELBO:           {summary['elbo']:.2f} ± {summary['elbo_se']:.2f} nats/image", file=file)
     print(f"test log-likelihood: {summary['log_likelihood']:.2f} ± {summary['log_likelihood_se']:.2f} nats/image "
           f"(IS, K={summary['num_samples']}, {summary['num_points']} test points)", file=file)
+    if "accuracy" in summary:
+        print(f"test accuracy:       {100 * summary['accuracy']:.2f}% (mode of the guide's q(y|x), all test points)",
+              file=file)

@@ -35,14 +35,20 @@ def num_classes(model) -> int:
     return n
 
 
-def check_labels(model, labels: torch.Tensor | None, what: str = "the data") -> None:
-    """A clear error when a model needs labels the data do not have, or labels out of its range."""
+def check_labels(model, labels: torch.Tensor | None, what: str = "the data", *, training: bool = False) -> None:
+    """A clear error when a model needs labels the data do not have, or labels out of its range.
+
+    With ``training``, a model with optional labels needs at least some: it learns its classifier
+    q(y|x) from them (semi-supervised), and without any its classes would have no names."""
     use = label_use(model)
     if use is None:
         return
-    if labels is None:
+    if labels is None or (training and use == "optional" and not bool((labels >= 0).any())):
         if use == "required":
             raise UserError(f"{type(model).__name__} needs a label for every data point, but {what} has none")
+        if training:
+            raise UserError(f"{type(model).__name__} is semi-supervised and needs some labeled points, but "
+                            f"{what} has none")
         return
     known = labels[labels >= 0] if use == "optional" else labels
     if use == "required" and bool((labels < 0).any()):

@@ -13,6 +13,7 @@ import torch
 from torchvision.utils import make_grid
 
 from .data import ArrayDataset
+from .labels import eval_kwargs, sample_kwargs
 from .sites import _trace, latent_sites, observed_sites
 
 
@@ -24,22 +25,24 @@ def _mean_or_sample(fn, value: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def posterior_means(guide, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def posterior_means(guide, x: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
     """E_q[z | x] per latent site of the guide (a draw where the guide has no closed-form mean)."""
-    tr = _trace(guide, x)
+    tr = _trace(guide, x, **kwargs)
     return {n: _mean_or_sample(tr.nodes[n]["fn"], tr.nodes[n]["value"]) for n in latent_sites(tr)}
 
 
 @torch.no_grad()
-def decode(model, latents: dict[str, torch.Tensor], n: int, observed: list[str]) -> torch.Tensor:
-    """The mean of the model's (first) observed site given values for its latents; prior draws for the rest."""
-    tr = _trace(poutine.condition(model, data=latents), None, batch_size=n)
+def decode(model, latents: dict[str, torch.Tensor], n: int, observed: list[str], **kwargs) -> torch.Tensor:
+    """The mean of the model's (first) observed site given values for its latents; prior draws for the rest.
+
+    ``kwargs`` go to the model (e.g. ``y`` for a label-conditioned model)."""
+    tr = _trace(poutine.condition(model, data=latents), None, batch_size=n, **kwargs)
     site = tr.nodes[observed[0]]
     return _mean_or_sample(site["fn"], site["value"])
 
 
-def _observed(model, x: torch.Tensor) -> list[str]:
-    return observed_sites(_trace(model, x))
+def _observed(model, x: torch.Tensor, **kwargs) -> list[str]:
+    return observed_sites(_trace(model, x, **kwargs))
 
 
 def is_image(shape: tuple[int, ...]) -> bool:
@@ -92,28 +95,41 @@ def learning_curves(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def reconstructions(model, guide, data: ArrayDataset, path: Path, n: int = 16, device="cpu") -> Path:
-    x, _ = next(data.batches(n, shuffle=False, generator=torch.Generator().manual_seed(0), device=device))
-    recon = decode(model, posterior_means(guide, x), x.shape[0], _observed(model, x))
+    x, y = next(data.batches(n, shuffle=False, generator=torch.Generator().manual_seed(0), device=device))
+    kw = eval_kwargs(model, y)
+    recon = decode(model, posterior_means(guide, x, **kw), x.shape[0], _observed(model, x, **kw), **kw)
     imgs = torch.cat([_images(x, data.image_shape), _images(recon, data.image_shape)])
     return _save_grid(imgs, x.shape[0], "Inputs (top) and reconstructions from E_q[z|x] (bottom)", path)
 
 
-def prior_samples(model, data: ArrayDataset, path: Path, n: int = 64, seed: int = 0, device="cpu") -> Path:
-    x, _ = next(data.batches(2, shuffle=False, generator=torch.Generator(), device=device))
-    observed = _observed(model, x)
+def prior_samples(model, data: ArrayDataset, path: Path, n: int = 64, seed: int = 0, device="cpu",
+                  label: int | None = None) -> Path:
+    """Decoder means of n prior draws; for a label-conditioned model, of class ``label`` or of each class in turn."""
+    x, y = next(data.batches(2, shuffle=False, generator=torch.Generator(), device=device))
+    observed = _observed(model, x, **eval_kwargs(model, y))
+    kw = sample_kwargs(model, n, label, device)
     with pyro.get_param_store().scope():
         torch.manual_seed(seed)
-        means = decode(model, {}, n, observed)
-    return _save_grid(_images(means, data.image_shape), 8, f"Decoder means of {n} draws z ~ p(z)", path)
+        means = decode(model, {}, n, observed, **kw)
+    if "y" in kw:
+        title = f"Decoder means of {n} draws z ~ p(z), " + (f"label {label}" if label is not None
+                                                          else "labels 0, 1, ... in turn along rows")
+        nrow = 8 if label is not None else int(kw["y"].max()) + 1
+    else:
+        title, nrow = f"Decoder means of {n} draws z ~ p(z)", 8
+    return _save_grid(_images(means, data.image_shape), nrow, title, path)
 
 
 @torch.no_grad()
-def latent_scatter(guide, data: ArrayDataset, path: Path, n: int = 5000, device="cpu") -> Path:
-    """Test latents' posterior means in 2-D (PCA when there are more than 2 dims), coloured by label."""
+def latent_scatter(guide, data: ArrayDataset, path: Path, n: int = 5000, device="cpu", model=None) -> Path:
+    """Test latents' posterior means in 2-D (PCA when there are more than 2 dims), coloured by label.
+
+    Pass the ``model`` when it takes labels, so a label-conditioned guide gets them too."""
     gen = torch.Generator().manual_seed(0)
     zs, ys = [], []
     for x, y in data.head(min(n, len(data))).batches(500, shuffle=False, generator=gen, device=device):
-        zs.append(torch.cat([v.reshape(v.shape[0], -1) for v in posterior_means(guide, x).values()], -1).cpu())
+        means = posterior_means(guide, x, **eval_kwargs(model, y))
+        zs.append(torch.cat([v.reshape(v.shape[0], -1) for v in means.values()], -1).cpu())
         ys.append(y if y is not None else torch.zeros(x.shape[0], dtype=torch.long))
     z, y = torch.cat(zs).double(), torch.cat(ys)
     if z.shape[1] > 2:

@@ -35,10 +35,15 @@ def max_plate_nesting(trace: poutine.Trace) -> int:
     return -min(dims) if dims else 0
 
 
-def check_pairing(model, guide, x: torch.Tensor) -> None:
+def check_pairing(model, guide, x: torch.Tensor, **kwargs) -> None:
     """Raise a UserError naming any latent site the guide misses or adds, relative to the model."""
-    model_latents = set(latent_sites(_trace(model, x)))
-    guide_latents = set(latent_sites(_trace(guide, x)))
+    model_latents = set(latent_sites(_trace(model, x, **kwargs)))
+    try:
+        guide_latents = set(latent_sites(_trace(guide, x, **kwargs)))
+    except (ValueError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{type(guide).__name__} does not fit {type(model).__name__}: the guide fails on "
+                        f"its data: {first}") from e
     missing, extra = sorted(model_latents - guide_latents), sorted(guide_latents - model_latents)
     if missing or extra:
         parts = []
@@ -49,10 +54,10 @@ def check_pairing(model, guide, x: torch.Tensor) -> None:
         raise UserError(f"{type(guide).__name__} does not fit {type(model).__name__}: " + "; ".join(parts))
 
 
-def check_data_fits(model, x: torch.Tensor) -> None:
+def check_data_fits(model, x: torch.Tensor, **kwargs) -> None:
     """Raise a UserError if a batch does not fit the model: wrong shape, or outside the likelihood's support."""
     try:
-        trace = _trace(model, x)
+        trace = _trace(model, x, **kwargs)
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"data of shape {tuple(x.shape[1:])} per point do not fit {type(model).__name__}: {first}") from e

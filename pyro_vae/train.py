@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .data import ArrayDataset
 from .errors import UserError
+from .labels import check_labels, eval_kwargs, train_kwargs
 from .runs import RunDir, TrainConfig
 from .sites import check_data_fits, check_pairing
 
@@ -64,6 +65,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def announce_step(step: int, *programs) -> None:
+    """Tell each program that defines ``set_step(step)`` how many optimizer steps are done (e.g. KL warm-up)."""
+    for p in programs:
+        hook = getattr(p, "set_step", None)
+        if callable(hook):
+            hook(step)
+
+
 def _all_finite(*modules: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
@@ -80,8 +89,8 @@ def test_bound(svi: SVI, data: ArrayDataset, batch_size: int, device: torch.devi
     """The estimator's bound on held-out data, nats per point (one pass, a fixed binarization draw)."""
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
-    for x, _ in data.batches(batch_size, shuffle=False, generator=gen, device=device):
-        total += svi.evaluate_loss(x)
+    for x, y in data.batches(batch_size, shuffle=False, generator=gen, device=device):
+        total += svi.evaluate_loss(x, **eval_kwargs(svi.model, y))
     return -total / len(data)
 
 
@@ -161,17 +170,22 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
     with pyro.get_param_store().scope(), _SigintFlag() as sigint:
         pyro.set_rng_seed(config.seed)
         data_gen.manual_seed(config.seed)
-        probe, _ = next(train_data.batches(min(len(train_data), 64), shuffle=False,
-                                           generator=torch.Generator().manual_seed(0), device=device))
-        check_data_fits(model, probe)
-        check_pairing(model, guide, probe)
+        check_labels(model, train_data.labels, "the training data", training=True)
+        probe, probe_y = next(train_data.batches(min(len(train_data), 64), shuffle=False,
+                                                 generator=torch.Generator().manual_seed(0), device=device))
+        probe_kw = train_kwargs(model, probe_y)
+        check_data_fits(model, probe, **probe_kw)
+        check_pairing(model, guide, probe, **probe_kw)
         if test_data is not None:
-            check_data_fits(model, next(test_data.batches(min(len(test_data), 64), shuffle=False,
-                                                          generator=torch.Generator(), device=device))[0])
+            check_labels(model, test_data.labels, "the test data")
+            tx, ty = next(test_data.batches(min(len(test_data), 64), shuffle=False,
+                                            generator=torch.Generator(), device=device))
+            check_data_fits(model, tx, **eval_kwargs(model, ty))
         with torch.no_grad():
             # lazy set-up inside an estimator (e.g. Pyro guessing max_plate_nesting) may draw random
             # numbers: do it now, so a resumed run's restored RNG stream is not consumed by it
-            estimator(model, guide, probe)
+            announce_step(0, model, guide)
+            estimator(model, guide, probe, **probe_kw)
         if resume:
             if run_dir is None:
                 raise UserError("resume needs a run folder")
@@ -200,10 +214,11 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             bar = tqdm(total=len(train_data), initial=pos.seen, desc=f"epoch {epoch}/{config.epochs}", unit="img",
                        leave=False, disable=quiet, file=sys.stderr, mininterval=0.5)
             batches = train_data.batches(config.batch_size, shuffle=True, generator=data_gen, device=device)
-            for i, (x, _) in enumerate(batches):
+            for i, (x, y) in enumerate(batches):
                 if i < pos.batch:
                     continue  # drawn again only to advance the generator exactly as the first time
-                loss = svi.step(x)
+                announce_step(pos.step, model, guide)
+                loss = svi.step(x, **train_kwargs(model, y))
                 pos.step += 1
                 if not math.isfinite(loss):
                     bar.close()

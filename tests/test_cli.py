@@ -85,6 +85,11 @@ def test_resume_with_another_latent_size_is_refused(fake_dataset, capsys, tmp_pa
     (["train", "--seed", "-1"], "must be in [0, 2**32)"),
     (["evaluate", "RUN", "--seed", str(2**64)], "must be in [0, 2**32)"),
     (["compare", "--estimators", "elbo", "--snr-repeats", "1"], "at least 2 draws"),
+    (["train", "--beta", "-1"], "must be positive"),
+    (["train", "--kl-warmup", "-2"], "must be a finite number >= 0"),
+    (["train", "--aux-weight", "nan"], "must be a finite number >= 0"),
+    (["train", "--labeled", "0"], "must be positive"),
+    (["sample", "RUN", "--label", "-1"], "must be a finite number >= 0"),
 ])
 def test_bad_options_get_one_line(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_info:

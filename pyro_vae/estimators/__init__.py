@@ -9,6 +9,7 @@ guide is the exact posterior).
 from .analytic_kl import AnalyticKL
 from .dreg import DReG
 from .elbo import ELBO
+from .enum_elbo import EnumELBO
 from .iwae import IWAE
 from .renyi import Renyi
 from .stl import STL
@@ -16,10 +17,11 @@ from .stl import STL
 ESTIMATORS = {
     "elbo": ELBO,
     "analytic-kl": AnalyticKL,
+    "enum-elbo": EnumELBO,
     "iwae": IWAE,
     "dreg": DReG,
     "stl": STL,
     "renyi": Renyi,
 }
 
-__all__ = ["ESTIMATORS", "AnalyticKL", "DReG", "ELBO", "IWAE", "Renyi", "STL"]
+__all__ = ["ESTIMATORS", "AnalyticKL", "DReG", "ELBO", "EnumELBO", "IWAE", "Renyi", "STL"]

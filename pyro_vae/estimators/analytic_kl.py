@@ -8,6 +8,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from ._weights import check_num_particles
+from .elbo import kl_scaled_guide
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class AnalyticKL:
     2014, eq. 10) and falls back to Monte Carlo elsewhere. Same expectation as ``elbo``, lower variance.
 
     Requires: a mean-field guide whose sites match the model's one for one (Pyro's condition for
-    TraceMeanField_ELBO). Its value is not a function of the log-weights alone.
+    TraceMeanField_ELBO). A model's ``kl_scale`` (beta-VAE) weights the KL. Its value is not a
+    function of the log-weights alone.
     """
 
     num_particles: int = 1
@@ -32,4 +34,4 @@ class AnalyticKL:
         object.__setattr__(self, "_elbo", elbo)
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return self._elbo.differentiable_loss(model, guide, *args, **kwargs)
+        return self._elbo.differentiable_loss(model, kl_scaled_guide(model, guide), *args, **kwargs)

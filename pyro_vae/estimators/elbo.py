@@ -4,10 +4,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
 
 from ._weights import check_num_particles
+
+
+def kl_scaled_guide(model, guide):
+    """The guide under the model's ``kl_scale`` (e.g. a beta-VAE's beta), so that the scaled model's latent
+    log p and the guide's log q together form beta * KL; the guide itself where the model has none."""
+    scale = getattr(model, "kl_scale", None)
+    return guide if scale is None or scale == 1.0 else poutine.scale(guide, scale=scale)
 
 
 @dataclass(frozen=True)
@@ -19,7 +27,7 @@ class ELBO:
     reparameterizable, and score-function terms elsewhere, as Pyro's ``Trace_ELBO`` does.
 
     ``num_particles`` > 1 averages that many samples, vectorized over a particle plate placed left
-    of the model's plates.
+    of the model's plates. A model with a ``kl_scale`` (beta-VAE) gets -(E_q[log p(x|z)] - scale * KL).
     """
 
     num_particles: int = 1
@@ -32,4 +40,4 @@ class ELBO:
         object.__setattr__(self, "_elbo", elbo)
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return self._elbo.differentiable_loss(model, guide, *args, **kwargs)
+        return self._elbo.differentiable_loss(model, kl_scaled_guide(model, guide), *args, **kwargs)
