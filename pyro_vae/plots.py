@@ -18,8 +18,9 @@ from .sites import _trace, latent_sites, observed_sites
 
 
 def _mean_or_sample(fn, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a continuous site, the mode of a discrete one (a class has no mean), else the draw."""
     try:
-        return fn.mean
+        return fn.mode if fn.support.is_discrete else fn.mean
     except NotImplementedError:  # e.g. a flow guide: no closed-form mean
         return value
 
@@ -129,7 +130,8 @@ def latent_scatter(guide, data: ArrayDataset, path: Path, n: int = 5000, device=
     zs, ys = [], []
     for x, y in data.head(min(n, len(data))).batches(500, shuffle=False, generator=gen, device=device):
         means = posterior_means(guide, x, **eval_kwargs(model, y))
-        zs.append(torch.cat([v.reshape(v.shape[0], -1) for v in means.values()], -1).cpu())
+        # continuous latents only: a discrete site's class index is not a coordinate
+        zs.append(torch.cat([v.reshape(v.shape[0], -1) for v in means.values() if v.is_floating_point()], -1).cpu())
         ys.append(y if y is not None else torch.zeros(x.shape[0], dtype=torch.long))
     z, y = torch.cat(zs).double(), torch.cat(ys)
     if z.shape[1] > 2:
