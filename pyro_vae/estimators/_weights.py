@@ -3,16 +3,24 @@
 Shared by the IWAE-family estimators, STL and the evaluation. Every latent must be local to the data
 plate (dim -1): then each data point's weights involve only its own latents, and every bound is
 correct per data point whatever the batch size.
+
+The path-derivative estimators (STL, DReG) need log q_phi(z) with phi held fixed in the density while
+each draw z = z(eps, phi) keeps its reparameterized path to phi, including, for a hierarchical guide
+q(z1|x) q(z2|z1), the path from z1 into the parameters of q(z2|z1). ``log_weights(...,
+stop_guide_params=True)`` builds exactly that (see ``_stopped_guide_log_prob``).
 """
 from __future__ import annotations
 
 import numbers
+import warnings
 from weakref import WeakKeyDictionary
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import detach, scale_and_mask
+from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER
+from pyro.poutine.messenger import Messenger
 
 from ..errors import UserError
 from ..sites import _trace, latent_sites, max_plate_nesting, sample_sites
@@ -41,9 +49,14 @@ def _vectorized(fn, k: int, dim: int):
 
 def particle_traces(model, guide, k: int, *args, **kwargs) -> tuple[poutine.Trace, poutine.Trace]:
     """The guide's trace with k draws per point, and the model's trace replayed on those draws."""
+    return _traces(model, guide, k, args, kwargs, separate=False)
+
+
+def _traces(model, guide, k: int, args: tuple, kwargs: dict, separate: bool) -> tuple[poutine.Trace, poutine.Trace]:
     dim = -plate_nesting(model, *args, **kwargs) - 1
     guide_tr = poutine.trace(_vectorized(guide, k, dim)).get_trace(*args, **kwargs)
-    model_tr = poutine.trace(poutine.replay(_vectorized(model, k, dim), trace=guide_tr)).get_trace(*args, **kwargs)
+    values_tr = _values_trace(guide_tr, separate)
+    model_tr = poutine.trace(poutine.replay(_vectorized(model, k, dim), trace=values_tr)).get_trace(*args, **kwargs)
     return model_tr, guide_tr
 
 
@@ -57,15 +70,90 @@ def _site_log_prob(site: dict, nesting: int, stop_params: bool) -> torch.Tensor:
     return lp
 
 
-def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
-                **kwargs) -> tuple[torch.Tensor, poutine.Trace]:
-    """Log importance weights of shape (k, B), and the guide trace that drew them.
+class _DetachParams(Messenger):
+    """``pyro.param`` values come back detached; a ``pyro.module`` parameter still live means a module
+    the replay could not reach (not the guide object itself, nor one of its submodules)."""
 
-    With ``stop_guide_params`` the guide's densities are evaluated with their parameters detached,
-    while each draw z keeps its reparameterized path to the guide's parameters: the form the
-    path-derivative estimators (STL, DReG) differentiate.
+    def _pyro_post_param(self, msg) -> None:
+        value = msg["value"]
+        if not (torch.is_tensor(value) and value.requires_grad):
+            return
+        if _MODULE_NAMESPACE_DIVIDER in msg["name"]:
+            module = msg["name"].split(_MODULE_NAMESPACE_DIVIDER)[0]
+            raise UserError(f"the path-derivative estimators cannot hold the parameters of module {module!r} "
+                            "fixed: make the guide an nn.Module (e.g. a PyroModule) that owns it")
+        detached = value.detach()
+        if hasattr(value, "unconstrained"):  # Pyro's param capture reads it
+            detached.unconstrained = value.unconstrained
+        msg["value"] = detached
+
+
+def _stopped_guide_log_prob(guide, guide_tr: poutine.Trace, model_tr: poutine.Trace, k: int, nesting: int,
+                            args: tuple, kwargs: dict) -> torch.Tensor:
+    """log q_phi(z) per point, (k, B), with phi held fixed and z the draws as the model consumed them.
+
+    With one latent site, no site's distribution can depend on another latent, so detaching the
+    parameters of the drawn distribution is enough (and free). Otherwise the guide is replayed on the
+    values with its own parameters detached: its distributions are recomputed from the values, so
+    the only gradient left runs through the values themselves (z1 into q(z2|z1) included). That
+    costs one more forward pass of the guide, never a backward pass through its parameters.
     """
-    model_tr, guide_tr = particle_traces(model, guide, k, *args, **kwargs)
+    names = latent_sites(guide_tr)
+    values_tr = poutine.Trace()
+    for n in names:
+        value = (model_tr.nodes if n in model_tr.nodes else guide_tr.nodes)[n]["value"]
+        values_tr.add_node(n, **{**guide_tr.nodes[n], "value": value})
+    if len(names) < 2:
+        sites = [values_tr.nodes[n] if n in names else site for n, site in sample_sites(guide_tr).items()]
+        return sum(_site_log_prob(site, nesting, stop_params=True) for site in sites)
+    if isinstance(guide, torch.nn.Module):
+        frozen = {n: p.detach() for n, p in guide.named_parameters()}
+
+        def run(*a, **kw):
+            return torch.func.functional_call(guide, frozen, a, kw)
+    else:
+        run = guide
+    with warnings.catch_warnings(), _DetachParams():
+        # pyro.module warns that the detached (requires_grad=False) parameters are not registered
+        warnings.filterwarnings("ignore", message=".*was not registered in the param store")
+        replay_tr = poutine.trace(poutine.replay(_vectorized(run, k, -nesting - 1), trace=values_tr)).get_trace(
+            *args, **kwargs)
+    if set(latent_sites(replay_tr)) != set(names):
+        raise UserError("the guide sampled other latent sites when replayed on its own draws; the "
+                        "path-derivative estimators need a guide whose sites do not change between runs")
+    return sum(_site_log_prob(site, nesting, stop_params=False) for site in sample_sites(replay_tr).values())
+
+
+def _values_trace(guide_tr: poutine.Trace, separate: bool) -> poutine.Trace:
+    """The guide's draws for the model (and then the stopped-parameter log q) to consume.
+
+    With ``separate``, each latent's value is a new autograd node (a view) used by log w alone, while
+    the guide's own computation downstream of a draw (z1 -> q(z2|z1) -> z2) keeps the raw value. A
+    gradient hook on the separate value then scales d log w / dz exactly once on every path to phi:
+    a hook on a raw z2 would also run again at z1 for the part of d/dz2 that flows back through the
+    guide's own z1 -> z2 map, and scale it twice.
+    """
+    if not separate:
+        return guide_tr
+    tr = poutine.Trace()
+    for name, site in guide_tr.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            site = {**site, "value": site["value"].view_as(site["value"])}
+        tr.add_node(name, **site)
+    return tr
+
+
+def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
+                **kwargs) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
+    """Log importance weights of shape (k, B), and the model and guide traces that made them.
+
+    With ``stop_guide_params`` the guide's densities are evaluated with their parameters held fixed,
+    while each draw z keeps its reparameterized path to the guide's parameters (including paths
+    through other draws in a hierarchical guide): the form the path-derivative estimators (STL,
+    DReG) differentiate. The model trace then holds separate copies of the draws, which are the
+    values log w was computed from (``_values_trace`` says why DReG needs them).
+    """
+    model_tr, guide_tr = _traces(model, guide, k, args, kwargs, separate=stop_guide_params)
     nesting = plate_nesting(model, *args, **kwargs)
     for name in latent_sites(model_tr):
         if not any(f.dim == -1 and f.vectorized for f in model_tr.nodes[name]["cond_indep_stack"]
@@ -75,8 +163,11 @@ def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
     log_w = 0.0
     for site in sample_sites(model_tr).values():
         log_w = log_w + _site_log_prob(site, nesting, False)
-    for site in sample_sites(guide_tr).values():
-        log_w = log_w - _site_log_prob(site, nesting, stop_guide_params)
+    if stop_guide_params:
+        log_w = log_w - _stopped_guide_log_prob(guide, guide_tr, model_tr, k, nesting, args, kwargs)
+    else:
+        for site in sample_sites(guide_tr).values():
+            log_w = log_w - _site_log_prob(site, nesting, False)
     if not torch.is_tensor(log_w) or log_w.dim() != 2:
         raise UserError("could not form per-point log-weights: the model must sample in pyro.plate('data') at dim -1")
     return log_w, (model_tr, guide_tr)
@@ -98,33 +189,10 @@ def require_reparameterized(guide_tr: poutine.Trace, estimator: str) -> None:
                         "cannot be reparameterized (use the elbo estimator)")
 
 
-def require_independent_guide_sites(guide_tr: poutine.Trace, estimator: str) -> None:
-    """Path-derivative estimators detach the guide's parameters; that is only right when no guide latent
-    feeds the distribution of another, or the detached density would also cut the path through it."""
-    names = latent_sites(guide_tr)
-    values = {n: guide_tr.nodes[n]["value"] for n in names}
-    upstream = [n for n in names if values[n].requires_grad]
-    if len(names) < 2 or not upstream:
-        return
-    for name in names:
-        site = guide_tr.nodes[name]
-        lp = site["fn"].log_prob(site["value"].detach()).sum()
-        others = [n for n in upstream if n != name]
-        if not lp.requires_grad or not others:
-            continue
-        grads = torch.autograd.grad(lp, [values[n] for n in others], allow_unused=True, retain_graph=True)
-        feeding = [n for n, g in zip(others, grads) if g is not None]
-        if feeding:
-            raise UserError(f"{estimator} needs guide latents that do not feed each other, but the guide's "
-                            f"{name!r} depends on {', '.join(map(repr, feeding))}")
-
-
 def estimator_log_weights(name: str, model, guide, k: int, args: tuple, kwargs: dict, *,
-                          path_derivative: bool = False) -> tuple[torch.Tensor, poutine.Trace]:
+                          path_derivative: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
     """log_weights for an importance-weighted estimator, after checking what its gradient needs."""
     log_w, (model_tr, guide_tr) = log_weights(model, guide, k, *args, stop_guide_params=path_derivative, **kwargs)
     require_reparameterized(guide_tr, name)
     require_unscaled(model_tr, guide_tr, name)
-    if path_derivative:
-        require_independent_guide_sites(guide_tr, name)
-    return log_w, guide_tr
+    return log_w, (model_tr, guide_tr)

@@ -18,7 +18,12 @@ class STL:
     gradient is E[(d log w / d z)(d z / d phi)]; it is unbiased, and exactly zero when q is the exact
     posterior (log w is then constant in z). The model gradient is the ELBO's.
 
-    Requires: every guide latent reparameterizable, and no guide latent feeding another.
+    For a hierarchical guide q(z1|x) q(z2|z1) the guide is replayed on its draws with its parameters
+    detached, so log q still depends on z1 through q(z2|z1): the path derivative is taken through
+    every draw, and the gradient is still zero at the exact posterior.
+
+    Requires: every guide latent reparameterizable and local to ``pyro.plate("data")``; the guide's
+    parameters owned by the guide module (or ``pyro.param``), so that they can be held fixed.
     """
 
     num_particles: int = 1
