@@ -96,7 +96,8 @@ def _stopped_guide_log_prob(guide, guide_tr: poutine.Trace, model_tr: poutine.Tr
     parameters of the drawn distribution is enough (and free). Otherwise the guide is replayed on the
     values with its own parameters detached: its distributions are recomputed from the values, so
     the only gradient left runs through the values themselves (z1 into q(z2|z1) included). That
-    costs one more forward pass of the guide, never a backward pass through its parameters.
+    costs one more forward pass of the guide, never a backward pass through its parameters. Only the
+    ``pyro.sample`` draws are replayed, so the guide's other computation must be deterministic.
     """
     names = latent_sites(guide_tr)
     values_tr = poutine.Trace()

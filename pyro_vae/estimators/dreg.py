@@ -28,7 +28,9 @@ class DReG:
     map uses the raw draw, so every path to phi is scaled exactly once.
 
     Requires: every guide latent reparameterizable and local to ``pyro.plate("data")``; the guide's
-    parameters owned by the guide module (or ``pyro.param``), so that they can be held fixed.
+    parameters owned by the guide module (or ``pyro.param``), so that they can be held fixed; with
+    two or more latent sites, a guide whose code is a deterministic function of its inputs and its
+    draws (it is run again: no dropout, no batch-norm updates).
     """
 
     num_particles: int = 5
