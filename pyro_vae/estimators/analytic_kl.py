@@ -1,14 +1,21 @@
 """The ELBO with the KL term in closed form where one is registered (Pyro's TraceMeanField_ELBO)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
+from weakref import WeakKeyDictionary
 
+import pyro
 import torch
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from ._weights import check_num_particles
 from .elbo import kl_scaled_guide
+
+
+# per guide: does it sample its latents in another order than its model?
+_OUT_OF_ORDER: WeakKeyDictionary = WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -19,19 +26,38 @@ class AnalyticKL:
     ``torch.distributions.kl_divergence`` knows the pair (e.g. diagonal Gaussians, Kingma & Welling
     2014, eq. 10) and falls back to Monte Carlo elsewhere. Same expectation as ``elbo``, lower variance.
 
-    Requires: a mean-field guide whose sites match the model's one for one (Pyro's condition for
-    TraceMeanField_ELBO). A model's ``kl_scale`` (beta-VAE) weights the KL. Its value is not a
-    function of the log-weights alone.
+    The closed form needs the guide to sample its latents in the model's order (Pyro's condition for
+    TraceMeanField_ELBO); a guide that does not (a bottom-up hierarchical guide q(z1|x) q(z2|z1) for
+    p(z2) p(z1|z2)) gets the Monte Carlo KL of ``elbo`` instead, since its closed-form KLs would be biased.
+    A model's ``kl_scale`` (beta-VAE) weights the KL. Its value is not a function of the log-weights alone.
     """
 
     num_particles: int = 1
     value_from_log_weights: ClassVar[bool] = False
     _elbo: TraceMeanField_ELBO = field(init=False, repr=False, compare=False)
+    _monte_carlo: Trace_ELBO = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_num_particles(self.num_particles)
-        elbo = TraceMeanField_ELBO(num_particles=self.num_particles, vectorize_particles=self.num_particles > 1)
-        object.__setattr__(self, "_elbo", elbo)
+        vectorize = self.num_particles > 1
+        object.__setattr__(self, "_elbo", TraceMeanField_ELBO(num_particles=self.num_particles,
+                                                              vectorize_particles=vectorize))
+        object.__setattr__(self, "_monte_carlo", Trace_ELBO(num_particles=self.num_particles,
+                                                            vectorize_particles=vectorize))
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return self._elbo.differentiable_loss(model, kl_scaled_guide(model, guide), *args, **kwargs)
+        scaled = kl_scaled_guide(model, guide)
+        if guide not in _OUT_OF_ORDER:
+            # Pyro only warns (and only with validation on) when the guide samples latents in another order
+            # than the model (e.g. q(z1|x) q(z2|z1) against p(z2) p(z1|z2)): each closed-form KL would then be
+            # taken given later latents, a biased value. Check once per guide, with validation on.
+            with warnings.catch_warnings(), pyro.validation_enabled(True):
+                warnings.filterwarnings("error", message="Failed to verify mean field restriction")
+                try:
+                    loss = self._elbo.differentiable_loss(model, scaled, *args, **kwargs)
+                    _OUT_OF_ORDER[guide] = False
+                    return loss
+                except UserWarning:
+                    _OUT_OF_ORDER[guide] = True
+        elbo = self._monte_carlo if _OUT_OF_ORDER[guide] else self._elbo
+        return elbo.differentiable_loss(model, scaled, *args, **kwargs)
