@@ -68,7 +68,7 @@ def run() -> int:
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
     ax.plot([r["labels"] for r in rows], [r["accuracy"] for r in rows], marker="o",
-            label=f"pyro-vae M2, {a.epochs} epochs")
+            label=f"pyro-vae M2, {a.epochs} epoch{'s' if a.epochs != 1 else ''}")
     ax.plot(list(PYRO_TUTORIAL), list(PYRO_TUTORIAL.values()), marker="s", linestyle="--", label="Pyro tutorial")
     ax.set_xscale("log")
     ax.set_xlabel("labeled training points")
