@@ -30,7 +30,7 @@ from .data import ArrayDataset
 from .errors import UserError
 from .estimators._weights import plate_nesting
 from .labels import label_use
-from .sites import _trace, latent_sites, observed_sites
+from .sites import _trace, latent_sites, observed_sites, sample_sites
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,15 @@ def prior_latents(model, n: int, names: list[str], seed: int = 0) -> dict[str, t
 
 @torch.no_grad()
 def decode(model, latents: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The mean of the model's (first) observed site given values for its latents, (n, ...)."""
+    """The mean of the model's data site given values for its latents, (n, ...): the site named by the
+    model's ``observed_site`` attribute if it has one, else the last site the program samples."""
     n = next(iter(latents.values())).shape[0]
     tr = _trace(poutine.condition(model, data=latents), None, batch_size=n)
-    site = tr.nodes[observed_sites(tr)[0]]
+    drawn = [name for name in sample_sites(tr) if name not in latents]
+    name = getattr(model, "observed_site", None) or (drawn[-1] if drawn else None)
+    if name not in drawn:
+        raise UserError(f"{type(model).__name__} samples no data site besides {', '.join(latents)}")
+    site = tr.nodes[name]
     try:
         return site["fn"].mean
     except NotImplementedError:
@@ -193,6 +198,7 @@ class GenerationReport:
     fitted_log_likelihood: torch.Tensor   # (N,) the same, decoding z ~ N(mean, cov of the codes)
     prior_in_support: float               # share of z ~ p(z) inside the aggregate posterior's support
     fitted_in_support: float              # share of z ~ fitted Gaussian inside it
+    codes_in_prior_support: float         # share of test codes z ~ q(z|x) inside the prior's support
     num_samples: int
 
     def summary(self) -> dict:
@@ -204,6 +210,7 @@ class GenerationReport:
         return {"prior_log_likelihood": p, "prior_log_likelihood_se": p_se,
                 "fitted_log_likelihood": f, "fitted_log_likelihood_se": f_se,
                 "prior_in_support": self.prior_in_support, "fitted_in_support": self.fitted_in_support,
+                "codes_in_prior_support": self.codes_in_prior_support,
                 "num_samples": self.num_samples, "num_points": len(self.prior_log_likelihood)}
 
 
@@ -216,9 +223,12 @@ def generation_report(model, guide, fit_data: ArrayDataset, test_data: ArrayData
     1. z ~ p(z), the model's prior, decoded: what ``pyro-vae sample`` shows;
     2. z ~ N(m, C), the Gaussian fitted to the posterior means of ``fit_data`` (e.g. training points).
 
-    The support fractions say how much of each source's mass falls where the decoder was trained:
-    one draw z ~ q(z|x) per ``fit_data`` point is the reference (the aggregate posterior; for a
-    point-mass guide the codes themselves), one per ``test_data`` point calibrates the k-NN radius.
+    The support fractions (k-NN radii, as in the precision and recall of Kynkaanniemi et al. 2019) say
+    how much of each source's mass falls where the decoder was trained: one draw z ~ q(z|x) per
+    ``fit_data`` point is the reference (the aggregate posterior; for a point-mass guide the codes
+    themselves), one per ``test_data`` point calibrates the radius. The converse,
+    ``codes_in_prior_support``, is the share of those test codes that prior draws reach: codes spread
+    far wider than N(0, I) contain most prior draws, yet the prior covers few of them.
     """
     if num_samples <= 0:
         raise UserError(f"num_samples must be positive, got {num_samples}")
@@ -238,9 +248,11 @@ def generation_report(model, guide, fit_data: ArrayDataset, test_data: ArrayData
     reference = codes(model, guide, fit_data, mean=False, device=device, seed=seed)
     calibration = codes(model, guide, test_data, mean=False, device=device, seed=seed + 2)
     prior_flat = latents.flatten(prior).double().cpu()
+    more_prior = latents.flatten(prior_latents(model, num_samples, list(latents.shapes), seed + 3)).double().cpu()
     return GenerationReport(
         prior_log_likelihood=generator_log_likelihood(model, prior, test_data, device=device, seed=seed),
         fitted_log_likelihood=generator_log_likelihood(model, fitted_latents, test_data, device=device, seed=seed),
         prior_in_support=support_fraction(prior_flat, reference, calibration, k=k),
         fitted_in_support=support_fraction(z_fit, reference, calibration, k=k),
+        codes_in_prior_support=support_fraction(calibration, prior_flat, more_prior, k=k),
         num_samples=num_samples)

@@ -9,7 +9,7 @@ from conftest import prototype_images
 from pyro_vae.data import ArrayDataset
 from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.estimators._weights import log_weights
-from pyro_vae.generation import (codes, fit_gaussian, generation_report, generator_log_likelihood,
+from pyro_vae.generation import (codes, decode, fit_gaussian, generation_report, generator_log_likelihood,
                                  prior_latents, support_fraction)
 from pyro_vae.guides import GUIDES, PointGuide
 from pyro_vae.models import MODELS, Autoencoder
@@ -91,6 +91,13 @@ def test_generator_log_likelihood_is_the_monte_carlo_mixture():
     assert got.shape == (7,) and torch.allclose(got, want, atol=1e-5)
 
 
+def test_decode_gives_the_decoder_mean_of_the_data_site():
+    model, _ = _pair()
+    z = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.allclose(decode(model, {"z": z}), torch.sigmoid(model.decoder(z)), atol=1e-6)
+
+
 def test_support_fraction():
     torch.manual_seed(0)
     ref, cal, fresh = torch.randn(400, 2), torch.randn(400, 2), torch.randn(2000, 2)
@@ -114,7 +121,7 @@ def test_fit_gaussian_and_codes_of_a_point_guide():
 def test_generation_separates_a_trained_vae_from_a_trained_autoencoder():
     """Same data, nets and budget. Decoding N(0, I) draws: the VAE scores held-out data as well as when it
     decodes a Gaussian fitted to its codes; the autoencoder scores far worse, and recovers most of it with
-    the fitted Gaussian. Few of the autoencoder's prior draws fall where its codes are."""
+    the fitted Gaussian. Prior draws and the autoencoder's codes overlap little, either way."""
     images, labels = prototype_images(600)
     train, test = ArrayDataset(images[:500], labels[:500]), ArrayDataset(images[500:], labels[500:])
     net = {"x_dim": 64, "latent_dim": 2, "hidden": (32,), "activation": "relu"}
@@ -137,3 +144,5 @@ def test_generation_separates_a_trained_vae_from_a_trained_autoencoder():
     vae_gap, _ = mean_se(vae.fitted_log_likelihood - vae.prior_log_likelihood)
     assert ae_gap > max(1.5, 5 * ae_se) and abs(vae_gap) < 1.0
     assert vae.prior_in_support - ae.prior_in_support > 0.15
+    # and the prior reaches nearly all of the VAE's codes, but few of the autoencoder's
+    assert vae.codes_in_prior_support > 0.8 and ae.codes_in_prior_support < 0.4
