@@ -181,7 +181,7 @@ def _parser() -> _Parser:
     d.add_argument("--points", type=pos_int, default=100, help="test points for k-hat and ESS (default: 100)")
     d.add_argument("--samples", type=pos_int, default=1000, help="draws from q(z|x) per point, >= 100 (default: 1000)")
     d.add_argument("--gap-points", type=pos_int, default=50, help="test points for the inference gaps (default: 50)")
-    d.add_argument("--gap-steps", type=pos_int, default=500, help="Adam steps of each local q*(z|x) (default: 500)")
+    d.add_argument("--gap-steps", type=pos_int, default=300, help="Adam steps of each local q*(z|x) (default: 300)")
     d.add_argument("--device", default="auto")
     d.add_argument("--seed", type=_seed, default=0)
     d.add_argument("--quiet", action="store_true")

@@ -109,7 +109,7 @@ def _write_plots(d: Diagnosis, model, guide, data: ArrayDataset, device) -> list
 
 
 def diagnose(model, guide, data: ArrayDataset, out: Path, *, points: int = 100, samples: int = 1000,
-             gap_points: int = 50, gap_steps: int = 500, gap_particles: int = 16, gap_lr: float = 0.01,
+             gap_points: int = 50, gap_steps: int = 300, gap_particles: int = 16, gap_lr: float = 0.01,
              seed: int = 0, device: torch.device | str = "cpu", quiet: bool = False,
              write_plots: bool = True) -> Diagnosis:
     """Run every diagnostic on the first ``points`` (importance) and ``gap_points`` (gaps) points of ``data``,

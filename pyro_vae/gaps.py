@@ -168,7 +168,7 @@ class InferenceGaps:
                 for i, p in enumerate(self.points)]
 
 
-def inference_gaps(model, guide, x: torch.Tensor, y: torch.Tensor | None = None, *, steps: int = 500,
+def inference_gaps(model, guide, x: torch.Tensor, y: torch.Tensor | None = None, *, steps: int = 300,
                    particles: int = 16, lr: float = 0.01, num_samples: int = 1000, points: np.ndarray | None = None,
                    max_particles_per_chunk: int = 20000, quiet: bool = True) -> InferenceGaps:
     """Fit a local mean-field Gaussian q*(z|x_n) to every row of ``x`` at once and measure the gaps.
