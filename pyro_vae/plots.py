@@ -18,18 +18,28 @@ from .sites import _trace, latent_sites, observed_sites
 
 
 def _mean_or_sample(fn, value: torch.Tensor) -> torch.Tensor:
-    """The mean of a continuous site, the mode of a discrete one (a class has no mean), else the draw."""
     try:
-        return fn.mode if fn.support.is_discrete else fn.mean
+        return fn.mean
     except NotImplementedError:  # e.g. a flow guide: no closed-form mean
         return value
 
 
+def _latent_summary(fn, value: torch.Tensor) -> torch.Tensor:
+    """A latent's mean, or its mode where it is discrete (a class index has no meaningful mean)."""
+    if fn.support.is_discrete:
+        try:
+            return fn.mode
+        except NotImplementedError:
+            return value
+    return _mean_or_sample(fn, value)
+
+
 @torch.no_grad()
 def posterior_means(guide, x: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
-    """E_q[z | x] per latent site of the guide (a draw where the guide has no closed-form mean)."""
+    """E_q[z | x] per latent site of the guide (a draw where the guide has no closed-form mean, the mode of a
+    discrete site)."""
     tr = _trace(guide, x, **kwargs)
-    return {n: _mean_or_sample(tr.nodes[n]["fn"], tr.nodes[n]["value"]) for n in latent_sites(tr)}
+    return {n: _latent_summary(tr.nodes[n]["fn"], tr.nodes[n]["value"]) for n in latent_sites(tr)}
 
 
 @torch.no_grad()
