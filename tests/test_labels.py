@@ -187,3 +187,14 @@ def test_cli_conditional_model_on_unlabeled_data(capsys, tmp_path):
     one_line_error(capsys, "train", "--dataset", "npz", "--data-root", path, "--model", "m2", "--guide", "m2",
                    "--estimator", "enum-elbo", "--latent-dim", "2", "--hidden", "8", "--quiet",
                    "--out", tmp_path / "s", match="semi-supervised")
+
+
+def test_plots_summarize_discrete_latents_by_mode_and_decode_means():
+    from pyro_vae.plots import decode, posterior_means
+    m, g = _m2_pair()
+    x = torch.bernoulli(torch.full((5, 64), 0.3))
+    means = posterior_means(g, x)
+    assert means["y"].dtype == torch.long
+    assert torch.equal(means["y"], g.classifier(x).argmax(-1))
+    images = decode(m, means, 5, ["x"])
+    assert images.shape == (5, 64) and ((images > 0.01) & (images < 0.99)).any()  # means, not 0/1 draws
