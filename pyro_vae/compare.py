@@ -56,6 +56,8 @@ def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], ou
         spec = dataclasses.replace(base, estimator=name, estimator_options=options)
         run, model, guide, test, history, summary = train_run_objects(
             spec, out / label, eval_samples=eval_samples, eval_points=eval_points, quiet=quiet)
+        if summary.get("log_likelihood") is None:
+            raise UserError(f"compare ranks estimators by the IS log-likelihood: {summary['not_estimated']}")
         device = next(model.parameters()).device
         x, y = next(test.batches(min(100, len(test)), shuffle=False, generator=torch.Generator().manual_seed(0),
                                  device=device))

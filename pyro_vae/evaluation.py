@@ -36,6 +36,18 @@ class Evaluation:
                 "nll": -ll}
 
 
+def no_likelihood_reason(model, guide) -> str | None:
+    """Why importance sampling cannot estimate log p(x) for this pair, or None when it can.
+
+    A model with ``has_likelihood = False`` (a plain autoencoder: its prior is switched off) defines no
+    p(x); a guide with ``has_density = False`` (a point mass) gives draws without a density to weigh."""
+    if getattr(model, "has_likelihood", True) is False:
+        return f"{type(model).__name__} defines no p(x) (its prior is switched off), so there is no log-likelihood"
+    if getattr(guide, "has_density", True) is False:
+        return f"{type(guide).__name__} is a point mass with no density, so it cannot be an importance proposal"
+    return None
+
+
 @torch.no_grad()
 def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch_size: int = 100,
              max_particles_per_chunk: int = 20000, device: torch.device | str = "cpu",
@@ -51,6 +63,9 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
     """
     if num_samples <= 0 or batch_size <= 0 or max_particles_per_chunk <= 0:
         raise UserError("num_samples, batch_size and max_particles_per_chunk must be positive")
+    reason = no_likelihood_reason(model, guide)
+    if reason:
+        raise UserError(reason)
     check_labels(model, data.labels, "the evaluation data")
     gen = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, max_particles_per_chunk)

@@ -16,7 +16,7 @@ from .checkpoint import LATEST, load_checkpoint
 from .data import ArrayDataset, load_dataset
 from .errors import UserError
 from .estimators import ESTIMATORS
-from .evaluation import Evaluation, classification_accuracy, evaluate
+from .evaluation import Evaluation, classification_accuracy, evaluate, no_likelihood_reason
 from .labels import label_use
 from .runs import CONFIG, EVALUATION, RunDir, RunSpec, make_component, make_estimator, versions
 from .semi_supervised import PartiallyLabeled
@@ -96,6 +96,11 @@ def train_run(spec: RunSpec, out: Path, *, resume: bool, quiet: bool,
 def evaluate_run(run: RunDir, model, guide, test: ArrayDataset, num_samples: int, points: int | None,
                  device: torch.device, seed: int, quiet: bool) -> dict[str, Any]:
     data = test.head(points) if points else test
+    reason = no_likelihood_reason(model, guide)
+    if reason:  # e.g. a plain autoencoder: its logged bound is the reconstruction term, and that is all
+        summary = {"num_points": len(data), "log_likelihood": None, "not_estimated": reason}
+        run.write_json(EVALUATION, summary)
+        return summary
     result: Evaluation = evaluate(model, guide, data, num_samples=num_samples, device=device, seed=seed,
                                   quiet=quiet)
     summary = result.summary()
@@ -134,6 +139,9 @@ def load_run(path: Path, device_name: str):
 
 def report(summary: dict[str, Any], file=None) -> None:
     file = file or sys.stdout
+    if summary.get("log_likelihood") is None:
+        print(f"no test log-likelihood: {summary.get('not_estimated', 'not estimated')}", file=file)
+        return
     print(f"test ELBO:           {summary['elbo']:.2f} ± {summary['elbo_se']:.2f} nats/image", file=file)
     print(f"test log-likelihood: {summary['log_likelihood']:.2f} ± {summary['log_likelihood_se']:.2f} nats/image "
           f"(IS, K={summary['num_samples']}, {summary['num_points']} test points)", file=file)

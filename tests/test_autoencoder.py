@@ -1,5 +1,6 @@
 """The plain autoencoder as a Pyro program (loss = reconstruction NLL under every estimator), and the
 generation metrics that show why its latent space does not generate while a VAE's does."""
+import json
 import math
 
 import pytest
@@ -146,3 +147,15 @@ def test_generation_separates_a_trained_vae_from_a_trained_autoencoder():
     assert vae.prior_in_support - ae.prior_in_support > 0.15
     # and the prior reaches nearly all of the VAE's codes, but few of the autoencoder's
     assert vae.codes_in_prior_support > 0.8 and ae.codes_in_prior_support < 0.4
+
+
+def test_cli_autoencoder_run_says_there_is_no_log_likelihood(fake_dataset, capsys, tmp_path):
+    from pyro_vae.cli import main
+    run = tmp_path / "ae"
+    code = main(["train", "--dataset", fake_dataset, "--model", "autoencoder", "--guide", "point", "--latent-dim",
+                 "2", "--hidden", "16", "--activation", "relu", "--epochs", "1", "--quiet", "--out", str(run)])
+    out = capsys.readouterr().out
+    assert code == 0 and "no test log-likelihood: Autoencoder defines no p(x)" in out
+    assert json.loads((run / "evaluation.json").read_text())["log_likelihood"] is None
+    assert main(["evaluate", str(run), "--quiet"]) == 0
+    assert "no test log-likelihood" in capsys.readouterr().out

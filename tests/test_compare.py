@@ -33,7 +33,7 @@ def test_compare_trains_each_estimator_and_writes_table_and_plots(fake_dataset, 
 
 
 @pytest.mark.parametrize("text,match", [
-    ("elbo,nope", "unknown estimator 'nope'; known: analytic-kl, dreg, elbo, iwae, renyi, stl"),
+    ("elbo,nope", "unknown estimator 'nope'; known: analytic-kl, dreg, elbo, enum-elbo, iwae, renyi, stl"),
     ("iwae:beta=2", "has no option beta; its options: num_particles"),
     ("iwae:k", "is not key=value"),
     ("renyi:alpha=x", "needs a number"),
