@@ -8,14 +8,21 @@ if __name__ != "pyro_vae.guides":  # pragma: no cover
 from .conditional import ConditionalGuide
 from .conv import ConvGuide
 from .diagonal_normal import DiagonalNormalGuide
-from .m2 import M2Guide
 from .flow import IAFGuide
 from .linear_gaussian import LinearGaussianGuide
+from .m2 import M2Guide
 from .point import PointGuide
 from .two_layer import TwoLayerGuide
 
-GUIDES = {"diagonal-normal": DiagonalNormalGuide, "conditional": ConditionalGuide, "m2": M2Guide, "iaf": IAFGuide, "point": PointGuide, "linear-gaussian": LinearGaussianGuide,
-          "conv": ConvGuide,
-          "two-layer": TwoLayerGuide}
+GUIDES = {
+    "diagonal-normal": DiagonalNormalGuide,
+    "conditional": ConditionalGuide,
+    "m2": M2Guide,
+    "iaf": IAFGuide,
+    "point": PointGuide,
+    "linear-gaussian": LinearGaussianGuide,
+    "conv": ConvGuide,
+    "two-layer": TwoLayerGuide,
+}
 
-__all__ = ["ConditionalGuide", "M2Guide", "ConvGuide", "LinearGaussianGuide", "GUIDES", "DiagonalNormalGuide"]
+__all__ = ["ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "TwoLayerGuide"]

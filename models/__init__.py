@@ -11,13 +11,21 @@ from .bernoulli_vae import BernoulliVAE
 from .beta_vae import BetaVAE
 from .conv_vae import ConvVAE
 from .cvae import ConditionalVAE
-from .m2 import M2
 from .gaussian_vae import GaussianVAE
 from .linear_gaussian import LinearGaussian
+from .m2 import M2
 from .two_layer_vae import TwoLayerVAE
 
-MODELS = {"vae": BernoulliVAE, "autoencoder": Autoencoder, "beta-vae": BetaVAE, "cvae": ConditionalVAE, "m2": M2, "linear-gaussian": LinearGaussian,
-          "conv-vae": ConvVAE, "gaussian-vae": GaussianVAE,
-          "two-layer-vae": TwoLayerVAE}
+MODELS = {
+    "vae": BernoulliVAE,
+    "autoencoder": Autoencoder,
+    "beta-vae": BetaVAE,
+    "cvae": ConditionalVAE,
+    "m2": M2,
+    "linear-gaussian": LinearGaussian,
+    "conv-vae": ConvVAE,
+    "gaussian-vae": GaussianVAE,
+    "two-layer-vae": TwoLayerVAE,
+}
 
-__all__ = ["BetaVAE", "ConvVAE", "GaussianVAE", "ConditionalVAE", "M2", "LinearGaussian", "MODELS", "BernoulliVAE"]
+__all__ = ["Autoencoder", "BernoulliVAE", "BetaVAE", "ConditionalVAE", "ConvVAE", "GaussianVAE", "LinearGaussian", "M2", "MODELS", "TwoLayerVAE"]
