@@ -18,17 +18,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive(kind):
+def _number(kind, *, zero_allowed: bool):
+    """An argparse type: a positive (or, with ``zero_allowed``, a finite non-negative) number of ``kind``."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not value > 0:
+        if zero_allowed and not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+        if not zero_allowed and not value > 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{'non-negative' if zero_allowed else 'positive'} {kind.__name__}"
     return parse
+
+
+def _positive(kind):
+    return _number(kind, zero_allowed=False)
 
 
 def _at_least_two(text: str) -> int:
@@ -49,16 +56,7 @@ def _seed(text: str) -> int:
 
 
 def _non_negative(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not (value >= 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-        return value
-    parse.__name__ = f"non-negative {kind.__name__}"
-    return parse
+    return _number(kind, zero_allowed=True)
 
 
 _non_negative_int, _non_negative_float = _non_negative(int), _non_negative(float)
