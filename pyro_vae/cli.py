@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
+from . import distributed
 from .errors import UserError
-from .train import Interrupted
+from .train import Interrupted, resolve_device
 
 ESTIMATOR_FLAGS = {"particles": "num_particles", "alpha": "alpha"}  # CLI flag -> estimator field
 
@@ -113,6 +114,9 @@ def _run_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=pos_int, default=None, metavar="STEPS",
                    help="also checkpoint every STEPS optimizer steps (default: once per epoch)")
     g.add_argument("--clip-norm", type=pos_float, default=None, help="clip each parameter's gradient norm")
+    g.add_argument("--eager", dest="replay", action="store_const", const=False, default=None,
+                   help="run the Pyro program on every step instead of replaying its recorded tensor graph "
+                        "(same results, slower; for programs whose computation changes between steps)")
 
 
 def _parser() -> _Parser:
@@ -225,13 +229,15 @@ def _train(a: argparse.Namespace) -> None:
     out = a.resume or a.out or Path("runs") / f"{spec.model}-{spec.estimator}-seed{spec.train.seed}-{stamp}"
     summary = train_run(spec, out, resume=a.resume is not None, quiet=a.quiet,
                         eval_samples=a.eval_samples, eval_points=a.eval_points)
-    report(summary)
-    print(f"run folder: {out}")
+    if distributed.from_env().main:
+        report(summary)
+        print(f"run folder: {out}")
 
 
 def _compare(a: argparse.Namespace) -> None:
     from .compare import compare, parse_estimators
 
+    distributed.refuse("compare")
     estimators = parse_estimators(a.estimators)
     spec = _spec_from_args(a)
     out = a.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -244,14 +250,19 @@ def _compare(a: argparse.Namespace) -> None:
 def _evaluate(a: argparse.Namespace) -> None:
     from .experiment import evaluate_run, load_run, report
 
+    world = distributed.join(resolve_device(a.device))
     run, spec, model, guide, test, device = load_run(a.run_dir, a.device)
-    report(evaluate_run(run, model, guide, test, a.samples, a.points, device, a.seed, a.quiet))
+    device = distributed.device_for(world, device)
+    summary = evaluate_run(run, model, guide, test, a.samples, a.points, device, a.seed, a.quiet, world)
+    if world.main:
+        report(summary)
 
 
 def _sample(a: argparse.Namespace) -> None:
     from . import plots
     from .experiment import load_run
 
+    distributed.refuse("sample")
     if a.out is not None and a.out.suffix.lower() != ".png":
         raise UserError(f"--out {a.out}: samples are written as PNG; give a path ending in .png")
     run, spec, model, guide, test, device = load_run(a.run_dir, a.device)
@@ -266,9 +277,18 @@ def _sample(a: argparse.Namespace) -> None:
     print(f"samples: {path}")
 
 
+def _rank_tag() -> str:
+    try:
+        world = distributed.from_env()
+    except UserError:
+        return ""
+    return f" [rank {world.rank}]" if world.active else ""
+
+
 def _diagnose(a: argparse.Namespace) -> None:
     from .diagnose import diagnose_run
 
+    distributed.refuse("diagnose")
     diagnose_run(a.run_dir, device=a.device, points=a.points, samples=a.samples, gap_points=a.gap_points,
                  gap_steps=a.gap_steps, seed=a.seed, quiet=a.quiet)
 
@@ -279,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         {"train": _train, "compare": _compare, "evaluate": _evaluate, "sample": _sample,
          "diagnose": _diagnose}[args.command](args)
     except UserError as e:
-        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        print(f"pyro-vae{_rank_tag()}: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"pyro-vae: {e}", file=sys.stderr)
@@ -287,4 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()
     return 0

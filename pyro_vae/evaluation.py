@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from .data import ArrayDataset
+from .distributed import SINGLE, World, gather_objects
 from .errors import UserError
 from .estimators._weights import log_weights
 from .labels import check_labels, eval_kwargs, label_use
@@ -51,7 +52,7 @@ def no_likelihood_reason(model, guide) -> str | None:
 @torch.no_grad()
 def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch_size: int = 100,
              max_particles_per_chunk: int = 20000, device: torch.device | str = "cpu",
-             seed: int = 0, quiet: bool = False) -> Evaluation:
+             seed: int = 0, quiet: bool = False, world: World = SINGLE) -> Evaluation:
     """Importance-sampled log p(x) per point with ``num_samples`` guide draws, and the ELBO from the same draws.
 
     log p(x) ~= logsumexp_k [log p(x, z_k) - log q(z_k|x)] - log K (Burda et al. 2016, eq. 14). Every
@@ -59,7 +60,9 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
     one whose labels are optional as log p(x), its label a latent.
 
     Draws are processed in chunks of at most ``max_particles_per_chunk`` (particles x points), so memory
-    is bounded whatever ``num_samples`` is.
+    is bounded whatever ``num_samples`` is. Each batch of points draws from its own seed (``seed`` and the
+    batch's index), so with a ``world`` of several processes the batches are dealt to the ranks and
+    the gathered result equals a one-process evaluation's.
     """
     if num_samples <= 0 or batch_size <= 0 or max_particles_per_chunk <= 0:
         raise UserError("num_samples, batch_size and max_particles_per_chunk must be positive")
@@ -70,11 +73,16 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
     gen = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, max_particles_per_chunk)
     chunk = max(1, max_particles_per_chunk // batch_size)
-    elbos, lls = [], []
-    with pyro.get_param_store().scope(), pyro.validation_enabled(False):
-        torch.manual_seed(seed)
-        bar = tqdm(total=len(data), desc=f"IS log-likelihood (K={num_samples})", unit="pt", disable=quiet)
-        for x, y in data.batches(batch_size, shuffle=False, generator=gen, device=device):
+    mine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with pyro.get_param_store().scope(), pyro.validation_enabled(False), torch.random.fork_rng(
+            devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        bar = tqdm(total=len(data), desc=f"IS log-likelihood (K={num_samples})", unit="pt",
+                   disable=quiet or not world.main)
+        for i, (x, y) in enumerate(data.batches(batch_size, shuffle=False, generator=gen, device=device)):
+            bar.update(x.shape[0])
+            if i % world.size != world.rank:
+                continue
+            torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
             kw = eval_kwargs(model, y)
             lse = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=torch.float64)
             total = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
@@ -85,12 +93,12 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
                 lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
                 total += lw.sum(0)
                 done += k
-            lls.append((lse - math.log(num_samples)).cpu())
-            elbos.append((total / num_samples).cpu())
-            bar.update(x.shape[0])
+            mine[i] = ((total / num_samples).cpu(), (lse - math.log(num_samples)).cpu())
         bar.close()
-    return Evaluation(elbo=torch.cat(elbos).numpy(), log_likelihood=torch.cat(lls).numpy(),
-                      num_samples=num_samples)
+    results = {i: r for part in gather_objects(world, mine) for i, r in part.items()}
+    order = sorted(results)
+    return Evaluation(elbo=torch.cat([results[i][0] for i in order]).numpy(),
+                      log_likelihood=torch.cat([results[i][1] for i in order]).numpy(), num_samples=num_samples)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import torch
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import MODELS
 
-from . import plots
+from . import distributed, plots
 from .checkpoint import LATEST, load_checkpoint
 from .data import ArrayDataset, load_dataset
 from .errors import UserError
@@ -64,7 +64,8 @@ def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
 def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_points: int | None,
                       resume: bool = False, quiet: bool = False):
     """Train, plot and evaluate one run; returns (run, model, guide, test data, history, evaluation summary)."""
-    run = RunDir(out).create(fresh=not resume)
+    world = distributed.join(resolve_device(spec.train.device))
+    run = distributed.on_main(world, lambda: RunDir(out).create(fresh=not resume)) or RunDir(out)
     if resume:
         saved = run.spec()
         if saved.to_dict() | {"train": {}} != spec.to_dict() | {"train": {}}:
@@ -77,13 +78,15 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
                             "--device and --checkpoint-every may change when resuming")
     train, test = load_data(spec)
     model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train))
-    device = resolve_device(spec.train.device)
-    run.write_json(CONFIG, {"spec": spec.to_dict(), "versions": versions(device),
-                            "estimator": repr(estimator)})
+    device = distributed.device_for(world, resolve_device(spec.train.device))
+    distributed.on_main(world, lambda: run.write_json(CONFIG, {
+        "spec": spec.to_dict(), "versions": versions(device), "estimator": repr(estimator),
+        **({"processes": world.size} if world.active else {})}))
     history = fit(model, guide, estimator, train, test, spec.train, run_dir=run, resume=resume,
-                  run_config=spec.to_dict(), quiet=quiet)
-    write_plots(run, model, guide, test, history, device)
-    summary = evaluate_run(run, model, guide, test, eval_samples, eval_points, device, spec.train.seed, quiet)
+                  run_config=spec.to_dict(), quiet=quiet, world=world)
+    distributed.on_main(world, lambda: write_plots(run, model, guide, test, history, device))
+    summary = evaluate_run(run, model, guide, test, eval_samples, eval_points, device, spec.train.seed, quiet,
+                           world)
     return run, model, guide, test, history, summary
 
 
@@ -94,20 +97,26 @@ def train_run(spec: RunSpec, out: Path, *, resume: bool, quiet: bool,
 
 
 def evaluate_run(run: RunDir, model, guide, test: ArrayDataset, num_samples: int, points: int | None,
-                 device: torch.device, seed: int, quiet: bool) -> dict[str, Any]:
+                 device: torch.device, seed: int, quiet: bool,
+                 world: distributed.World = distributed.SINGLE) -> dict[str, Any]:
+    """The IS evaluation (its points shared by the ranks of ``world``), written by rank 0."""
     data = test.head(points) if points else test
     reason = no_likelihood_reason(model, guide)
     if reason:  # e.g. a plain autoencoder: its logged bound is the reconstruction term, and that is all
         summary = {"num_points": len(data), "log_likelihood": None, "not_estimated": reason}
-        run.write_json(EVALUATION, summary)
+        distributed.on_main(world, lambda: run.write_json(EVALUATION, summary))
         return summary
     result: Evaluation = evaluate(model, guide, data, num_samples=num_samples, device=device, seed=seed,
-                                  quiet=quiet)
+                                  quiet=quiet, world=world)
     summary = result.summary()
-    if label_use(model) == "optional" and test.labels is not None:
-        summary["accuracy"] = classification_accuracy(model, guide, test, device=device)
-    run.write_json(EVALUATION, summary)
-    np.savez_compressed(run.path / "evaluation.npz", elbo=result.elbo, log_likelihood=result.log_likelihood)
+
+    def write() -> None:
+        if label_use(model) == "optional" and test.labels is not None:
+            summary["accuracy"] = classification_accuracy(model, guide, test, device=device)
+        run.write_json(EVALUATION, summary)
+        np.savez_compressed(run.path / "evaluation.npz", elbo=result.elbo, log_likelihood=result.log_likelihood)
+
+    distributed.on_main(world, write)
     return summary
 
 

@@ -27,6 +27,7 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: once per epoch
     clip_norm: float | None = None       # clip each parameter's gradient norm (Pyro's clip_args)
+    replay: bool = True                  # replay the loss recorded per input shape (pyro_vae.replay); False: eager
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):

@@ -18,9 +18,12 @@ from pyro.infer import SVI
 from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, save_checkpoint
+from . import distributed as dist
 from .data import ArrayDataset
 from .errors import UserError
 from .labels import check_labels, eval_kwargs, train_kwargs
+from .optim import SharedAdam
+from .replay import Replayed, ReplaySVI
 from .runs import RunDir, TrainConfig
 from .sites import check_data_fits, check_pairing
 
@@ -85,13 +88,16 @@ class History:
 
 
 @torch.no_grad()
-def test_bound(svi: SVI, data: ArrayDataset, batch_size: int, device: torch.device, seed: int) -> float:
+def test_bound(svi: SVI, data: ArrayDataset, batch_size: int, device: torch.device, seed: int,
+               world: dist.World = dist.SINGLE) -> float:
     """The estimator's bound on held-out data, nats per point (one pass, a fixed binarization draw)."""
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     for x, y in data.batches(batch_size, shuffle=False, generator=gen, device=device):
-        total += svi.evaluate_loss(x, **eval_kwargs(svi.model, y))
-    return -total / len(data)
+        x, y = dist.shard(world, x, y)
+        if x.shape[0]:
+            total += svi.evaluate_loss(x, **eval_kwargs(svi.model, y))
+    return -dist.sum_scalars(world, [total])[0] / len(data)
 
 
 class Interrupted(Exception):
@@ -136,40 +142,64 @@ class _Position:
 def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, train_data: ArrayDataset,
         test_data: ArrayDataset | None, config: TrainConfig, *, run_dir: RunDir | None = None,
         resume: bool = False, run_config: dict[str, Any] | None = None, quiet: bool = False,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> History:
+        on_epoch: Callable[[dict[str, Any]], None] | None = None, world: dist.World = dist.SINGLE) -> History:
     """Train ``model`` and ``guide`` with ``SVI(model, guide, Adam, loss=estimator)``.
+
+    With ``config.replay`` (the default) the loss is recorded once per batch shape and replayed
+    (``pyro_vae.replay``) and Adam steps all parameters in one call (``pyro_vae.optim.SharedAdam``):
+    the same losses and updates to float tolerance, at the speed of hand-written PyTorch.
 
     The run works in a param store of its own, so two fits in one process never share parameters.
     With ``run_dir``, a checkpoint (model, guide, optimizer, position, RNG states, metrics,
     ``run_config``) is written after every epoch, and every ``config.checkpoint_every`` steps if set;
     ``resume=True`` continues from the last one and ends bit-identical (on the CPU) to a run that was
     never stopped. Ctrl-C writes a checkpoint and raises ``Interrupted``.
+
+    With a ``world`` of several processes (``pyro_vae.distributed``), each rank trains on its slice of
+    every batch, gradients are summed across ranks before each step, and only rank 0 writes.
     """
-    device = resolve_device(config.device)
+    device = dist.device_for(world, resolve_device(config.device))
+    dist.check_batch(world, config.batch_size, len(train_data))
+    quiet = quiet or not world.main
     model.to(device)
     guide.to(device)
     history = History()
     data_gen = torch.Generator()
     clip = {"clip_args": {"clip_norm": config.clip_norm}} if config.clip_norm else {}
-    optim = pyro.optim.Adam({"lr": config.lr}, **clip)
+    # the fast path (SharedAdam + a replayed loss) makes the same updates as SVI + pyro.optim.Adam
+    optim = SharedAdam({"lr": config.lr}, **clip) if config.replay else pyro.optim.Adam({"lr": config.lr}, **clip)
     pos = _Position()
+    rank_rngs = None
 
     def save() -> None:
         if run_dir is None:
             return
-        if not _all_finite(model, guide):
+        if not _all_finite(model, guide):  # every rank holds the same parameters, so all stop together
             raise TrainingDiverged(f"parameters became non-finite at epoch {pos.epoch}, step {pos.step}; "
                                    f"stopped, the last good checkpoint in {run_dir.path} is kept")
+        nonlocal rank_rngs
+        rank_rngs = dist.gather_objects(world, rng_state()) if world.active else None
+        failed = None
+        if world.main:
+            try:
+                _write()
+            except Exception as e:  # the other ranks must learn of it, or they wait for rank 0 forever
+                failed = e
+        if dist.sum_scalars(world, [float(failed is not None)])[0]:
+            raise failed if failed is not None else UserError("rank 0 could not write the checkpoint; stopped")
+
+    def _write() -> None:
         save_checkpoint(run_dir.path, {
             "model": model.state_dict(), "guide": guide.state_dict(), "optimizer": optim.get_state(),
             "epoch": pos.epoch, "batch": pos.batch, "step": pos.step, "partial": [pos.total, pos.seen, pos.seconds],
             "epoch_rng": pos.epoch_rng, "rng": rng_state(), "data_rng": data_gen.get_state(),
-            "metrics": history.rows, "config": run_config or {}})
+            "metrics": history.rows, "config": run_config or {}, "world_size": world.size,
+            **({"rank_rng": rank_rngs} if world.active else {})})
         run_dir.write_metrics(history.rows)
 
     with pyro.get_param_store().scope(), _SigintFlag() as sigint:
-        pyro.set_rng_seed(config.seed)
-        data_gen.manual_seed(config.seed)
+        pyro.set_rng_seed(config.seed + world.rank)  # a stream of model draws per rank
+        data_gen.manual_seed(config.seed)  # one data order and binarization, the same on every rank
         check_labels(model, train_data.labels, "the training data", training=True)
         probe, probe_y = next(train_data.batches(min(len(train_data), 64), shuffle=False,
                                                  generator=torch.Generator().manual_seed(0), device=device))
@@ -205,8 +235,12 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             else:
                 pos = _Position(ckpt["epoch"] + 1, 0, ckpt["step"])
                 data_gen.set_state(ckpt["data_rng"])
-            set_rng_state(ckpt["rng"])
-        svi = SVI(model, guide, optim, loss=estimator)
+            rngs = ckpt.get("rank_rng")
+            set_rng_state(rngs[world.rank] if rngs and world.rank < len(rngs) else ckpt["rng"])
+        if config.replay or world.active:
+            svi = ReplaySVI(model, guide, optim, Replayed(estimator) if config.replay else estimator, world=world)
+        else:
+            svi = SVI(model, guide, optim, loss=estimator)
         for epoch in range(pos.epoch, config.epochs + 1):
             if pos.batch == 0:
                 pos = _Position(epoch, 0, pos.step, epoch_rng=data_gen.get_state())
@@ -218,7 +252,12 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 if i < pos.batch:
                     continue  # drawn again only to advance the generator exactly as the first time
                 announce_step(pos.step, model, guide)
+                n_global = x.shape[0]
+                x, y = dist.shard(world, x, y)
                 loss = svi.step(x, **train_kwargs(model, y))
+                if world.active:  # the batch's loss, and whether any rank was interrupted
+                    loss, stop = dist.sum_scalars(world, [loss, float(sigint.raised)])
+                    sigint.raised = sigint.raised or stop > 0
                 pos.step += 1
                 if not math.isfinite(loss):
                     bar.close()
@@ -227,9 +266,9 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                         + (f"The last good checkpoint is kept in {run_dir.path}."
                            if run_dir and (run_dir.path / "checkpoint.pt").exists() else "No checkpoint was written.")
                         + " (try a smaller --lr or --clip-norm)")
-                pos.batch, pos.total, pos.seen = i + 1, pos.total + loss, pos.seen + x.shape[0]
+                pos.batch, pos.total, pos.seen = i + 1, pos.total + loss, pos.seen + n_global
                 pos.seconds = time.perf_counter() - t0
-                bar.update(x.shape[0])
+                bar.update(n_global)
                 bar.set_postfix(loss=f"{pos.total / pos.seen:.2f}")
                 if sigint.raised:
                     bar.close()
@@ -246,7 +285,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 # a fixed seed keeps the test bound comparable across epochs and untouched by training RNG
                 state = rng_state()
                 pyro.set_rng_seed(config.seed + 1)
-                row["test_elbo"] = test_bound(svi, test_data, max(config.batch_size, 500), device, config.seed)
+                row["test_elbo"] = test_bound(svi, test_data, max(config.batch_size, 500), device, config.seed, world)
                 set_rng_state(state)
             history.rows.append(row)
             pos = _Position(epoch, 0, pos.step)
@@ -254,8 +293,9 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             if sigint.raised and epoch < config.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}; " + (
                     f"checkpoint saved, continue with --resume {run_dir.path}" if run_dir else "nothing saved"))
-            if on_epoch is not None:
+            if on_epoch is not None and world.main:
                 on_epoch(row)
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                       file=sys.stdout)
+            if world.main:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                           file=sys.stdout)
     return history

@@ -49,3 +49,11 @@ def fake_dataset(monkeypatch):
 
 
 SMALL_NET = {"latent_dim": 4, "hidden": [32], "activation": "tanh"}
+
+
+def write_npz(path, n_train: int, n_test: int):
+    """An .npz of prototype images and labels, as `--dataset npz --data-root PATH` reads it."""
+    images, labels = prototype_images(n_train + n_test)
+    np.savez(path, x_train=images[:n_train], y_train=labels[:n_train], x_test=images[n_train:],
+             y_test=labels[n_train:])
+    return path

@@ -18,17 +18,14 @@ from pyro_vae.checkpoint import LATEST, PREVIOUS, load_checkpoint
 from pyro_vae.cli import main
 from pyro_vae.errors import UserError
 
-from conftest import prototype_images
+from conftest import write_npz
 
 TIMING = ("seconds", "images_per_s")
 
 
 @pytest.fixture
 def npz(tmp_path) -> Path:
-    images, labels = prototype_images(700)
-    path = tmp_path / "data.npz"
-    np.savez(path, x_train=images[:600], y_train=labels[:600], x_test=images[600:], y_test=labels[600:])
-    return path
+    return write_npz(tmp_path / "data.npz", 600, 100)
 
 
 def train_args(npz, out, epochs, *extra):

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from ..replay import scale_grad
 from ..sites import latent_sites
 from ._weights import check_num_particles, estimator_log_weights
 
@@ -54,6 +55,6 @@ class DReG:
                 inner = len(fn.batch_shape) - 2
                 shape = (w.shape[0],) + (1,) * inner + (w.shape[1],) + (1,) * len(fn.event_shape)
                 # the surrogate below sends w~ through z; this hook on log w's copy of z makes it w~^2
-                copy.register_hook(lambda g, w=w.reshape(shape): g * w)
+                scale_grad(copy, w.reshape(shape))
         surrogate = -(w * log_w).sum()
         return value.detach() + (surrogate - surrogate.detach())
