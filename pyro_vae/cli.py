@@ -117,6 +117,9 @@ def _run_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--eager", dest="replay", action="store_const", const=False, default=None,
                    help="run the Pyro program on every step instead of replaying its recorded tensor graph "
                         "(same results, slower; for programs whose computation changes between steps)")
+    g.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
+                   help="also torch.compile the replayed graph: fused kernels, equal results to float tolerance, "
+                        "some seconds of compilation per batch shape")
 
 
 def _parser() -> _Parser:

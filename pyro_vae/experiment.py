@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,11 @@ def evaluate_run(run: RunDir, model, guide, test: ArrayDataset, num_samples: int
         summary = {"num_points": len(data), "log_likelihood": None, "not_estimated": reason}
         distributed.on_main(world, lambda: run.write_json(EVALUATION, summary))
         return summary
+    start = time.perf_counter()
     result: Evaluation = evaluate(model, guide, data, num_samples=num_samples, device=device, seed=seed,
                                   quiet=quiet, world=world)
-    summary = result.summary()
+    summary = {**result.summary(), "seconds": time.perf_counter() - start,
+               **({"processes": world.size} if world.active else {})}
 
     def write() -> None:
         if label_use(model) == "optional" and test.labels is not None:

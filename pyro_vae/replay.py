@@ -157,6 +157,7 @@ class _Recording:
     graph: Callable
     live: tuple[torch.Tensor, ...]      # parameters and buffers, in the graph's input order
     params: tuple[torch.Tensor, ...]    # the parameters the program registered (what SVI steps)
+    plain: Callable | None = None       # the uncompiled graph, while a compiled one is unproven
 
 
 _EAGER = object()  # marks a signature that is run eagerly
@@ -185,7 +186,11 @@ class Replayed:
 
     A drop-in estimator: ``(model, guide, *args, **kwargs) -> loss`` with the same value and gradient
     as ``estimator``. Calls without grad (evaluation) run eagerly, and so does the first call of each
-    signature; the second records, and later ones replay. After a replayed call,
+    signature; the second records, and later ones replay. With ``compile=True`` the recorded graph
+    goes through ``torch.compile`` (inductor, with its random draws left to the eager kernels, so they
+    match): fused kernels, equal losses to float tolerance rather than bit for bit, and a compilation
+    of some seconds per signature. A graph with ``scale_grad`` hooks (DReG) stays uncompiled: compiled,
+    it runs as one autograd node, and no gradient would pass through the hooked tensor. After a replayed call,
     ``last_params`` holds the parameters the program registers, which ``ReplaySVI`` steps without
     tracing them again. ``compile=True`` also hands the recorded graph to ``torch.compile``.
     """
@@ -246,7 +251,17 @@ class Replayed:
             rec = self._recordings[key] = self._record(model, guide, leaves, spec, tensors, self._seen[key])
         if rec is _EAGER:
             return self.estimator(model, guide, *args, **kwargs)
-        out = rec.graph(*rec.live, *tensors)
+        if rec.plain is not None and rec.plain is not rec.graph:
+            try:  # the first call compiles; without a working compiler, replay the graph uncompiled
+                out = rec.graph(*rec.live, *tensors)
+            except Exception as e:
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                              "replaying the graph uncompiled", RuntimeWarning, stacklevel=2)
+                rec.graph = rec.plain
+                out = rec.graph(*rec.live, *tensors)
+            rec.plain = None
+        else:
+            out = rec.graph(*rec.live, *tensors)
         n = (len(out) - 1) // 2
         for t, factor in zip(out[1:1 + n], out[1 + n:]):
             t.register_hook(lambda g, factor=factor: g * factor)
@@ -312,9 +327,13 @@ class Replayed:
             params.append(p)
         simplify(graph)
         runner = graph
-        if self.compile:
+        # a compiled graph runs as one autograd node, so no gradient passes through a hooked output
+        if self.compile and not scaled:
+            import torch._inductor.config as inductor
+
+            inductor.fallback_random = True  # draw with the eager kernels: the same random numbers as eager
             runner = torch.compile(graph, dynamic=False)
-        return _Recording(graph=runner, live=live, params=tuple(dict.fromkeys(params)))
+        return _Recording(graph=runner, live=live, params=tuple(dict.fromkeys(params)), plain=graph)
 
 
 class ReplaySVI(SVI):

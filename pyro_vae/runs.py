@@ -28,6 +28,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps between mid-epoch checkpoints; None: once per epoch
     clip_norm: float | None = None       # clip each parameter's gradient norm (Pyro's clip_args)
     replay: bool = True                  # replay the loss recorded per input shape (pyro_vae.replay); False: eager
+    compile: bool = False                # also torch.compile the recorded graph (needs replay)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -43,6 +44,8 @@ class TrainConfig:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {value}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise UserError(f"unknown device {self.device!r}; use auto, cpu or cuda")
+        if self.compile and not self.replay:
+            raise UserError("--compile compiles the replayed graph; it cannot be combined with --eager")
 
 
 @dataclass(frozen=True)

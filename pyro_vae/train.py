@@ -238,7 +238,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             rngs = ckpt.get("rank_rng")
             set_rng_state(rngs[world.rank] if rngs and world.rank < len(rngs) else ckpt["rng"])
         if config.replay or world.active:
-            svi = ReplaySVI(model, guide, optim, Replayed(estimator) if config.replay else estimator, world=world)
+            loss = Replayed(estimator, compile=config.compile) if config.replay else estimator
+            svi = ReplaySVI(model, guide, optim, loss, world=world)
         else:
             svi = SVI(model, guide, optim, loss=estimator)
         for epoch in range(pos.epoch, config.epochs + 1):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pyro.nn import PyroModule
 
+from pyro_vae.errors import UserError
 from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.guides import DiagonalNormalGuide
 from pyro_vae.models import BernoulliVAE
@@ -190,3 +191,21 @@ def test_shared_adam_makes_pyro_adams_updates_and_shares_its_checkpoint_format(c
         mid, state = run(first({"lr": 0.1}, **kw), range(3), init)
         end, _ = run(second({"lr": 0.1}, **kw), range(3, 6), mid, state)
         assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(ref, end)), (first, second)
+
+
+def test_compiled_replay_trains_like_the_eager_path_to_float_tolerance(small_data):
+    train, test = small_data
+    rows = {}
+    for replay, compile in ((False, False), (True, True)):
+        model, guide = pair()
+        rows[compile] = fit(model, guide, ESTIMATORS["elbo"](), train, test,
+                            TrainConfig(epochs=2, batch_size=100, lr=3e-3, replay=replay, compile=compile),
+                            quiet=True).rows
+    for a, b in zip(rows[False], rows[True]):
+        assert a["train_elbo"] == pytest.approx(b["train_elbo"], rel=1e-5)
+        assert a["test_elbo"] == pytest.approx(b["test_elbo"], rel=1e-5)
+
+
+def test_compile_needs_replay():
+    with pytest.raises(UserError, match="cannot be combined with --eager"):
+        TrainConfig(replay=False, compile=True)
