@@ -354,6 +354,8 @@ def main() -> int:
     p.add_argument("--eval-points-sweep", type=int, default=500)
     p.add_argument("--repeats-sweep", type=int, default=3)
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--reuse-eval", action="store_true",
+                   help="take the evaluation rows from the last run's results/performance_eval.csv")
     p.add_argument("--eval-worker", choices=("plain", "project"), help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, default=5000, help=argparse.SUPPRESS)
     p.add_argument("--points", type=int, default=10000, help=argparse.SUPPRESS)
@@ -371,7 +373,13 @@ def main() -> int:
     t0 = time.perf_counter()
     train, _ = load_dataset("mnist", a.data_root)
     train_rows = training(train, device, a.repeats, a.min_seconds, batches, configs)
-    eval_rows = [] if a.skip_eval else evaluation(a)
+    if a.reuse_eval:
+        with open(RESULTS / "performance_eval.csv") as f:
+            eval_rows = [{k: (v if k == "evaluator" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        for r in eval_rows:
+            r["k"], r["points"] = int(r["k"]), int(r["points"])
+    else:
+        eval_rows = [] if a.skip_eval else evaluation(a)
     eval_summary = summarize_eval(eval_rows) if eval_rows else []
     RESULTS.mkdir(exist_ok=True)
     tag = "performance" if device.type == "cpu" else "performance_cuda"
@@ -384,7 +392,7 @@ def main() -> int:
         w = csv.DictWriter(f, fieldnames=list(train_rows[0]))
         w.writeheader()
         w.writerows(train_rows)
-    if eval_rows:
+    if eval_rows and not a.reuse_eval:
         with open(RESULTS / f"{tag}_eval.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=sorted({k for r in eval_rows for k in r}))
             w.writeheader()

@@ -256,6 +256,7 @@ def _evaluate(a: argparse.Namespace) -> None:
     world = distributed.join(resolve_device(a.device))
     run, spec, model, guide, test, device = load_run(a.run_dir, a.device)
     device = distributed.device_for(world, device)
+    model.to(device), guide.to(device)
     summary = evaluate_run(run, model, guide, test, a.samples, a.points, device, a.seed, a.quiet, world)
     if world.main:
         report(summary)

@@ -153,14 +153,17 @@ def refuse(what: str) -> None:
 
 
 def on_main(world: World, fn):
-    """``fn()`` on rank 0 only; a UserError there stops every rank with the same message."""
-    result, error = None, None
+    """``fn()`` on rank 0 only; an error there stops every rank (the others with its message)."""
+    result, error, failure = None, None, None
     if world.main:
         try:
             result = fn()
-        except UserError as e:
-            error = str(e)
+        except Exception as e:
+            failure = e
+            error = str(e) if isinstance(e, UserError) else f"rank 0 failed: {type(e).__name__}: {e}"
     error = gather_objects(world, error)[0]
+    if failure is not None:
+        raise failure
     if error is not None:
         raise UserError(error)
     return result

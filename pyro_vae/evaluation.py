@@ -74,15 +74,20 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
     batch_size = min(batch_size, max_particles_per_chunk)
     chunk = max(1, max_particles_per_chunk // batch_size)
     mine: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    with pyro.get_param_store().scope(), pyro.validation_enabled(False), torch.random.fork_rng(
-            devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+    device = torch.device(device)
+    cuda = [device] if device.type == "cuda" else []
+    with pyro.get_param_store().scope(), pyro.validation_enabled(False), torch.random.fork_rng(devices=cuda):
         bar = tqdm(total=len(data), desc=f"IS log-likelihood (K={num_samples})", unit="pt",
                    disable=quiet or not world.main)
         for i, (x, y) in enumerate(data.batches(batch_size, shuffle=False, generator=gen, device=device)):
             bar.update(x.shape[0])
             if i % world.size != world.rank:
                 continue
-            torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+            batch_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+            torch.default_generator.manual_seed(batch_seed)  # the CPU's and the evaluation device's streams only
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(batch_seed)
             kw = eval_kwargs(model, y)
             lse = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=torch.float64)
             total = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)

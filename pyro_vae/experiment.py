@@ -77,7 +77,9 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
         if changed:
             raise UserError(f"--resume {out}: --{', --'.join(changed)} differ from the run's; only --epochs, "
                             "--device and --checkpoint-every may change when resuming")
-    train, test = load_data(spec)
+    # rank 0 downloads and caches the data first, so the ranks never write the same files at once
+    loaded = distributed.on_main(world, lambda: load_data(spec))
+    train, test = loaded if world.main else load_data(spec)
     model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train))
     device = distributed.device_for(world, resolve_device(spec.train.device))
     distributed.on_main(world, lambda: run.write_json(CONFIG, {

@@ -61,6 +61,8 @@ class SharedAdam(PyroOptim):
 
     def set_state(self, state_dict: dict) -> None:
         self._state_waiting_to_be_consumed.update(state_dict)
-        if self._adam is not None:
-            self._adam.state.clear()
+        if self._adam is not None:  # the given parameters take the new state when next stepped
+            store = pyro.get_param_store()
+            for p in [p for p in self._adam.state if store.param_name(p) in state_dict]:
+                del self._adam.state[p]
             self._stepped = None

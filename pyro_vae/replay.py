@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -84,18 +85,24 @@ def _set_rng_states(states: list) -> None:
         torch.cuda.set_rng_state(s, d)
 
 
-_IDENTITY = {torch.ops.aten.add.Tensor: 0, torch.ops.aten.sub.Tensor: 0,
-             torch.ops.aten.mul.Tensor: 1, torch.ops.aten.div.Tensor: 1}
+# x - 0, x * 1 and x / 1 are x bit for bit (x + 0 is not: -0.0 + 0 is +0.0)
+_IDENTITY = {torch.ops.aten.sub.Tensor: 0, torch.ops.aten.mul.Tensor: 1, torch.ops.aten.div.Tensor: 1}
 
 
 def _mutates(node: fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
 
 
+def _stateful(node: fx.Node) -> bool:
+    """A call that is not a tensor op: grad-mode or autocast switches, which order the graph."""
+    return node.op == "call_function" and not isinstance(node.target, torch._ops.OpOverload) \
+        and node.target is not operator.getitem
+
+
 def _keep(node: fx.Node) -> bool:
-    """Whether a node must stay even with no users: it mutates something, or draws random numbers."""
+    """Whether a node must stay even with no users: it mutates, draws random numbers, or switches a mode."""
     t = node.target
-    return node.op != "call_function" or _mutates(node) or (
+    return node.op != "call_function" or _mutates(node) or _stateful(node) or (
         isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags)
 
 
@@ -103,17 +110,21 @@ def simplify(gm: fx.GraphModule) -> int:
     """Drop the operations a recorded Pyro program does not need; returns how many were dropped.
 
     Pyro's bookkeeping leaves ``x + 0``, ``x / 1``, the same reduction twice and results nobody
-    reads. Removing them changes no value (x + 0 is x, bit for bit) and no random draw (ops that
+    reads. Removing them changes no value (x / 1 is x, bit for bit) and no random draw (ops that
     draw are kept). Only when every mutation in the graph is of a fresh tensor read by that mutation
-    alone (``normal_`` of a new ``empty``), so no value can change between two reads of it.
+    alone (``normal_`` of a new ``empty``), so no value can change between two reads of it; tensors
+    that are mutated or made from nothing (``empty``, ``zeros``) are never merged; and with a grad-mode
+    switch in the graph (a ``no_grad`` block) only unread results are dropped.
     """
     graph = gm.graph
     before = len(graph.nodes)
     if any(_mutates(n) and not (isinstance(n.args[0], fx.Node) and len(n.args[0].users) == 1)
            for n in graph.nodes if n.op == "call_function"):
         return 0
+    mutated = {n.args[0] for n in graph.nodes if n.op == "call_function" and _mutates(n)}
+    modal = any(_stateful(n) for n in graph.nodes)
     for n in graph.nodes:
-        if n.op != "call_function" or n.target not in _IDENTITY or n.kwargs or len(n.args) != 2:
+        if modal or n.op != "call_function" or n.target not in _IDENTITY or n.kwargs or len(n.args) != 2:
             continue
         x, c = n.args
         if isinstance(x, fx.Node) and type(c) in (int, float) and c == _IDENTITY[n.target]:
@@ -123,7 +134,7 @@ def simplify(gm: fx.GraphModule) -> int:
                 n.replace_all_uses_with(x)
     seen: dict = {}
     for n in graph.nodes:
-        if _keep(n):
+        if modal or _keep(n) or n in mutated or not any(isinstance(a, fx.Node) for a in n.all_input_nodes):
             continue
         try:
             key = (n.target, pytree.tree_map(lambda v: tuple(v) if isinstance(v, list) else v, (n.args, n.kwargs)))
@@ -341,13 +352,15 @@ class ReplaySVI(SVI):
 
     ``SVI.step`` traces every ``pyro.param`` statement to learn what to step; a replayed loss runs
     none, and reports them in ``last_params`` instead. Gradients are set to None after the step
-    rather than to zeros (a parameter without a gradient is stepped with zeros, as Pyro does).
+    rather than to zeros; a parameter that had a gradient before and has none now gets zeros, and one
+    that never had one is left out, as with Pyro's ``zero_grads``.
     With a ``world`` of several processes, the gradients are summed over the ranks before the step
     (``pyro_vae.distributed``), so every rank makes the update of the whole batch.
     """
 
     def __init__(self, model, guide, optim, loss, world=None) -> None:
         self.world = world
+        self._graded: set = set()
 
         def loss_and_grads(*args, **kwargs):
             value = loss(*args, **kwargs)
@@ -364,7 +377,11 @@ class ReplaySVI(SVI):
         if params is None:
             params = tuple(dict.fromkeys(site["value"].unconstrained() for site in capture.trace.nodes.values()))
         for p in params:
-            if p.grad is None:
+            if p.grad is not None:
+                self._graded.add(p)
+            elif p in self._graded:  # Pyro keeps a zero gradient once a parameter has had one
+                p.grad = torch.zeros_like(p)
+            elif self.world is not None and self.world.active:  # the all-reduce needs every rank's
                 p.grad = torch.zeros_like(p)
         if self.world is not None and self.world.active:
             all_reduce_grads(self.world, params)  # the batch's gradient: the sum of the ranks' (losses are sums)

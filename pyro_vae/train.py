@@ -105,10 +105,14 @@ class Interrupted(Exception):
 
 
 class _SigintFlag:
-    """The first Ctrl-C asks the loop to stop after the current step; a second one stops at once."""
+    """The first Ctrl-C asks the loop to stop after the current step; a second one stops at once.
 
-    def __init__(self) -> None:
+    Under torchrun every worker gets the terminal's SIGINT and the agent's copy of it, so there a
+    second signal is not taken as "stop at once" (the ranks must stop together, at a step boundary)."""
+
+    def __init__(self, hard_stop: bool = True) -> None:
         self.raised = False
+        self.hard_stop = hard_stop
         self._old = None
 
     def __enter__(self) -> "_SigintFlag":
@@ -117,7 +121,7 @@ class _SigintFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.raised:
+        if self.raised and self.hard_stop:
             raise KeyboardInterrupt
         self.raised = True
 
@@ -197,7 +201,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             **({"rank_rng": rank_rngs} if world.active else {})})
         run_dir.write_metrics(history.rows)
 
-    with pyro.get_param_store().scope(), _SigintFlag() as sigint:
+    with pyro.get_param_store().scope(), _SigintFlag(hard_stop=not world.active) as sigint:
         pyro.set_rng_seed(config.seed + world.rank)  # a stream of model draws per rank
         data_gen.manual_seed(config.seed)  # one data order and binarization, the same on every rank
         check_labels(model, train_data.labels, "the training data", training=True)
@@ -236,7 +240,13 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 pos = _Position(ckpt["epoch"] + 1, 0, ckpt["step"])
                 data_gen.set_state(ckpt["data_rng"])
             rngs = ckpt.get("rank_rng")
-            set_rng_state(rngs[world.rank] if rngs and world.rank < len(rngs) else ckpt["rng"])
+            if rngs and world.rank < len(rngs):
+                set_rng_state(rngs[world.rank])
+            elif world.rank == 0:
+                set_rng_state(ckpt["rng"])
+            else:  # more ranks than the checkpoint has streams for: a new stream of its own
+                set_rng_state(ckpt["rng"])
+                pyro.set_rng_seed(int(np.random.SeedSequence([config.seed, world.rank, pos.step]).generate_state(1)[0]))
         if config.replay or world.active:
             loss = Replayed(estimator, compile=config.compile) if config.replay else estimator
             svi = ReplaySVI(model, guide, optim, loss, world=world)
@@ -252,13 +262,16 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             for i, (x, y) in enumerate(batches):
                 if i < pos.batch:
                     continue  # drawn again only to advance the generator exactly as the first time
-                announce_step(pos.step, model, guide)
                 n_global = x.shape[0]
+                if n_global < world.size:
+                    continue  # a last batch too small to give every rank a point (the same on every rank)
+                announce_step(pos.step, model, guide)
                 x, y = dist.shard(world, x, y)
                 loss = svi.step(x, **train_kwargs(model, y))
-                if world.active:  # the batch's loss, and whether any rank was interrupted
-                    loss, stop = dist.sum_scalars(world, [loss, float(sigint.raised)])
-                    sigint.raised = sigint.raised or stop > 0
+                stop = sigint.raised
+                if world.active:  # the batch's loss, and whether any rank was interrupted: decided together
+                    loss, stopping = dist.sum_scalars(world, [loss, float(sigint.raised)])
+                    stop = stopping > 0
                 pos.step += 1
                 if not math.isfinite(loss):
                     bar.close()
@@ -271,7 +284,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 pos.seconds = time.perf_counter() - t0
                 bar.update(n_global)
                 bar.set_postfix(loss=f"{pos.total / pos.seen:.2f}")
-                if sigint.raised:
+                if stop:
                     bar.close()
                     save()
                     where = f"epoch {epoch}, step {pos.step}"
@@ -291,7 +304,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             history.rows.append(row)
             pos = _Position(epoch, 0, pos.step)
             save()
-            if sigint.raised and epoch < config.epochs:
+            stop = dist.sum_scalars(world, [float(sigint.raised)])[0] > 0 if world.active else sigint.raised
+            if stop and epoch < config.epochs:
                 raise Interrupted(f"interrupted after epoch {epoch}; " + (
                     f"checkpoint saved, continue with --resume {run_dir.path}" if run_dir else "nothing saved"))
             if on_epoch is not None and world.main:
