@@ -256,12 +256,12 @@ def plots(train_rows: list[dict], eval_summary: list[dict], prefix: Path) -> Non
     fig.savefig(f"{prefix}_training_ratio.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for e, k in CONFIGS:
-        for path, style in (("plain", "--"), ("project", "-")):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (e, k) in enumerate(CONFIGS):
+        for path, style, marker in (("plain", "--", "s"), ("project", "-", "o")):
             ys = [next((r["images_per_s"] for r in train_rows if (r["estimator"], r["k"], r["batch"], r["path"])
                         == (e, k, b, path)), np.nan) for b in BATCHES]
-            ax.plot(BATCHES, ys, style, marker="o", label=f"{e}{f' k={k}' if k > 1 else ''} {path}")
+            ax.plot(BATCHES, ys, style, marker=marker, color=f"C{i}", label=f"{e}{f' k={k}' if k > 1 else ''} {path}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
@@ -285,9 +285,9 @@ def plots(train_rows: list[dict], eval_summary: list[dict], prefix: Path) -> Non
             ax.legend(fontsize=8)
         a1.set_yscale("log")
         a1.set_ylabel("ms per data point")
-        a1.set_title(f"IS log p(x) cost against K ({sweep[0]['points']} points)")
+        a1.set_title(f"IS log p(x) time against K ({sweep[0]['points']} points)")
         a2.set_ylabel("peak RSS growth (MB)")
-        a2.set_title("memory stays bounded (chunks of 20k particles)")
+        a2.set_title("peak memory (chunks of 20k particles)")
         fig.tight_layout()
         fig.savefig(f"{prefix}_cost_vs_k.png", dpi=120)
         plt.close(fig)
