@@ -283,7 +283,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 pos.batch, pos.total, pos.seen = i + 1, pos.total + loss, pos.seen + n_global
                 pos.seconds = time.perf_counter() - t0
                 bar.update(n_global)
-                bar.set_postfix(loss=f"{pos.total / pos.seen:.2f}")
+                bar.set_postfix(loss=f"{pos.total / pos.seen:.2f}", refresh=False)  # redrawn at tqdm's own pace
                 if stop:
                     bar.close()
                     save()
