@@ -1,8 +1,11 @@
 """torch.distributed: two gloo processes train and evaluate as one process does on the combined batch."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +108,28 @@ def test_commands_that_run_in_one_process_say_so(npz, tmp_path, monkeypatch, cap
     monkeypatch.setenv("RANK", "5")
     assert main(train_args(npz, tmp_path / "x", 1)) == 2
     assert "RANK 5 is not within WORLD_SIZE 2" in capsys.readouterr().err
+
+
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_resume_is_exact(tmp_path):
+    data = write_npz(tmp_path / "big.npz", 2400, 100)
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    args = ["train", "--dataset", "npz", "--data-root", data, "--latent-dim", "2", "--hidden", "16",
+            "--batch-size", "20", "--eval-samples", "5", "--quiet"]
+    proc = subprocess.Popen([*TORCHRUN, *map(str, args), "--epochs", "40", "--out", str(run)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists()
+                                          and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the agent and both workers get it
+    err = proc.communicate(timeout=300)[1]
+    # the two ranks write to one pipe, so their lines may run together: find the messages, not lines
+    stopped = re.findall(r"pyro-vae: interrupted (at epoch \d+, step \d+|after epoch \d+)", err)
+    assert len(stopped) == 2 and len(set(stopped)) == 1, err[-2000:]
+    saved = load_checkpoint(run / LATEST)
+    assert 2 <= saved["epoch"] < 40
+    epochs = saved["epoch"] + 2
+    torchrun("train", "--resume", run, "--epochs", epochs, "--quiet", "--eval-samples", 5)
+    torchrun(*args, "--epochs", epochs, "--out", straight)
+    a, b = params(straight), params(run)
+    assert all(torch.equal(a[k], b[k]) for k in a), "an interrupted and resumed run differs from a straight one"
