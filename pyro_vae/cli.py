@@ -292,7 +292,6 @@ def _rank_tag() -> str:
 def _diagnose(a: argparse.Namespace) -> None:
     from .diagnose import diagnose_run
 
-    distributed.refuse("diagnose")
     diagnose_run(a.run_dir, device=a.device, points=a.points, samples=a.samples, gap_points=a.gap_points,
                  gap_steps=a.gap_steps, seed=a.seed, quiet=a.quiet)
 

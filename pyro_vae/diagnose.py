@@ -9,15 +9,17 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from . import latent_plots, plots
+from . import distributed, latent_plots, plots
 from .data import ArrayDataset
 from .diagnostics import KHAT_BAD, KHAT_GOOD, ImportanceDiagnostics, check_num_samples, check_proposal, \
     importance_diagnostics, save_netcdf
@@ -45,6 +47,27 @@ class Diagnosis:
         gaps = self.gaps.summary() if self.gaps is not None else {"skipped": self.gaps_skipped}
         return {"importance": self.importance.summary(), "gaps": gaps, "latents": latents,
                 "files": [str(p.relative_to(self.out)) for p in self.files]}
+
+
+def _gather(world: distributed.World, part):
+    """The ranks' per-point results, joined in rank order (their points are consecutive slices)."""
+    parts = distributed.gather_objects(world, part)
+    if not world.active or part is None:
+        return part
+    joined = {}
+    for f in dataclasses.fields(part):
+        values = [getattr(p, f.name) for p in parts]
+        first = values[0]
+        if f.name == "history":  # the mean of q*'s ELBO over points, per step: weighted by points
+            sizes = np.array([len(p.points) for p in parts], dtype=float)
+            joined[f.name] = sum(v * n for v, n in zip(values, sizes)) / sizes.sum()
+        elif isinstance(first, dict):
+            joined[f.name] = {k: np.concatenate([v[k] for v in values]) for k in first}
+        elif isinstance(first, np.ndarray):
+            joined[f.name] = np.concatenate(values)
+        else:
+            joined[f.name] = first
+    return type(part)(**joined)
 
 
 def _first_points(data: ArrayDataset, n: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -111,36 +134,56 @@ def _write_plots(d: Diagnosis, model, guide, data: ArrayDataset, device) -> list
 def diagnose(model, guide, data: ArrayDataset, out: Path, *, points: int = 100, samples: int = 1000,
              gap_points: int = 50, gap_steps: int = 300, gap_particles: int = 16, gap_lr: float = 0.01,
              seed: int = 0, device: torch.device | str = "cpu", quiet: bool = False,
-             write_plots: bool = True) -> Diagnosis:
+             write_plots: bool = True, world: distributed.World = distributed.SINGLE) -> Diagnosis | None:
     """Run every diagnostic on the first ``points`` (importance) and ``gap_points`` (gaps) points of ``data``,
     latent health on all of it, and write the results into the folder ``out``.
 
     Writes importance.nc (ArviZ InferenceData), points.csv, gaps.csv, latents.csv, summary.json, report.md
     and plots/*.png. Works for any model/guide pair whose latents are local to the data plate; the gaps
     are skipped, with the reason recorded, where the latents are not real-valued.
+
+    With a ``world`` of several processes, each rank diagnoses a consecutive slice of the points (its
+    draws from its own seed), the results are gathered, and rank 0 writes everything and returns the
+    Diagnosis; the other ranks return None.
     """
     check_num_samples(samples)
     check_proposal(guide)
     for name, value in (("points", points), ("gap-points", gap_points), ("gap-steps", gap_steps)):
         if value <= 0:
             raise UserError(f"--{name} must be a positive integer, got {value}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot write diagnostics to {out}: {e.strerror or e}") from e
+
+    def make_folder() -> None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write diagnostics to {out}: {e.strerror or e}") from e
+
+    distributed.on_main(world, make_folder)
     n, m = min(points, len(data)), min(gap_points, len(data))
+    distributed.check_batch(world, min(n, m), len(data))
     x, y = _first_points(data, max(n, m), seed, device)
+
+    def mine(t: torch.Tensor | None, count: int):
+        return None if t is None else distributed.shard(world, t[:count])[0]
+
+    def index(count: int) -> np.ndarray:  # the dataset indices of this rank's points, as shard splits them
+        return np.array_split(np.arange(count), world.size)[world.rank]
+
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        importance = importance_diagnostics(model, guide, x[:n], None if y is None else y[:n],
-                                            num_samples=samples, quiet=quiet)
+        torch.manual_seed(seed if not world.active else
+                          int(np.random.SeedSequence([seed, world.rank]).generate_state(1)[0]))
+        importance = importance_diagnostics(model, guide, mine(x, n), mine(y, n), num_samples=samples,
+                                            points=index(n), quiet=quiet or not world.main)
         gaps, skipped = None, None
         try:
-            gaps = inference_gaps(model, guide, x[:m], None if y is None else y[:m], steps=gap_steps,
-                                  particles=gap_particles, lr=gap_lr, num_samples=samples, quiet=quiet)
+            gaps = inference_gaps(model, guide, mine(x, m), mine(y, m), steps=gap_steps, particles=gap_particles,
+                                  lr=gap_lr, num_samples=samples, points=index(m), quiet=quiet or not world.main)
         except UserError as e:  # e.g. discrete latents: no Gaussian q* to fit
             skipped = str(e)
+        importance, gaps = _gather(world, importance), _gather(world, gaps)
+        if not world.main:
+            return None
         health = latent_health(model, guide, data, device=device)
     d = Diagnosis(importance, gaps, skipped, health, out)
     d.files += [save_netcdf(importance.to_inference_data(), out / NETCDF),
@@ -192,7 +235,13 @@ def diagnose_run(run_dir: Path, *, device: str = "auto", **options) -> Diagnosis
     from .experiment import load_run
 
     check_num_samples(options.get("samples", 1000))  # before the slow part
+    from .train import resolve_device
+
+    world = distributed.join(resolve_device(device))
     run, spec, model, guide, test, dev = load_run(run_dir, device)
-    d = diagnose(model, guide, test, run.path / "diagnostics", device=dev, **options)
-    report(d)
+    dev = distributed.device_for(world, dev)
+    model.to(dev), guide.to(dev)
+    d = diagnose(model, guide, test, run.path / "diagnostics", device=dev, world=world, **options)
+    if d is not None:
+        report(d)
     return d
