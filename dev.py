@@ -2,7 +2,7 @@
 """Set up (once) and run pyro-vae from a fresh clone, with nothing but python3 on the machine.
 
     python3 dev.py main [pyro-vae train options]   train + evaluate the default VAE on MNIST
-    python3 dev.py test [pytest options]           the full test suite (what CI runs)
+    python3 dev.py test [pytest options]           ruff, then the full test suite (what CI runs)
     python3 dev.py shell-cmd ARGS...               run a command inside the project's environment
 
 The first call makes ./.venv and installs the project with its dev extra; later calls reuse it and
@@ -49,6 +49,11 @@ def main(argv: list[str]) -> int:
     if cmd == "main":
         args = [str(BIN / "pyro-vae"), "train", *rest]
     elif cmd == "test":
+        # the lint is part of the test command: a tree ruff rejects does not pass
+        lint = subprocess.run([str(BIN / "ruff"), "check", "--quiet", "."], cwd=ROOT).returncode
+        if lint:
+            print("[dev] ruff found problems (above); fix them or run `.venv/bin/ruff check --fix .`", file=sys.stderr)
+            return lint
         args = [str(BIN / "python"), "-m", "pytest", *rest]
     else:
         args = rest

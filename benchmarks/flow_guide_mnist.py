@@ -34,12 +34,12 @@ from matplotlib.figure import Figure
 from pyro.infer import SVI
 from tqdm import tqdm
 
+from pyro_vae.analysis.evaluation import evaluate
 from pyro_vae.cli import main as cli
+from pyro_vae.cli.experiment import load_data, load_run
+from pyro_vae.cli.runs import make_component
 from pyro_vae.estimators import ELBO
-from pyro_vae.evaluation import evaluate
-from pyro_vae.experiment import load_data, load_run
 from pyro_vae.guides import GUIDES as GUIDE_CLASSES
-from pyro_vae.runs import make_component
 
 ROOT = Path(__file__).resolve().parent
 GUIDES = ("diagonal-normal", "iaf")

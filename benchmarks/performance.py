@@ -30,8 +30,8 @@ import numpy as np
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import SVI
 import torch._inductor.config as inductor
+from pyro.infer import SVI
 from tqdm import tqdm
 
 matplotlib.use("Agg")
@@ -40,13 +40,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_pytorch import PlainVAE, load_from_project  # noqa: E402
 
+from pyro_vae.analysis.evaluation import evaluate  # noqa: E402
 from pyro_vae.data import load_dataset  # noqa: E402
 from pyro_vae.estimators import ESTIMATORS  # noqa: E402
-from pyro_vae.evaluation import evaluate  # noqa: E402
 from pyro_vae.guides.diagonal_normal import DiagonalNormalGuide  # noqa: E402
 from pyro_vae.models.bernoulli_vae import BernoulliVAE  # noqa: E402
-from pyro_vae.optim import SharedAdam  # noqa: E402
-from pyro_vae.replay import Replayed, ReplaySVI  # noqa: E402
+from pyro_vae.training.optim import SharedAdam  # noqa: E402
+from pyro_vae.training.replay import Replayed, ReplaySVI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 inductor.fallback_random = True  # compiled losses draw the same random numbers as eager ones

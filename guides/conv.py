@@ -9,8 +9,8 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vae.conv_nets import ConvFeatures, image_layout
 from pyro_vae.nets import mlp, split_loc_scale
+from pyro_vae.nets.conv import ConvFeatures, image_layout
 
 
 @dataclass(frozen=True)

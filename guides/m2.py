@@ -8,9 +8,8 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 
-from pyro_vae.nets import mlp, split_loc_scale
-
 from pyro_vae.models.cvae import one_hot_like
+from pyro_vae.nets import mlp, split_loc_scale
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
-from pyro_vae.conv_nets import DeconvImage, activation_layer, image_layout
 from pyro_vae.nets import mlp
+from pyro_vae.nets.conv import DeconvImage, activation_layer, image_layout
 
 from .likelihoods import ObservationLikelihood
 

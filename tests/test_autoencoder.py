@@ -5,18 +5,25 @@ import math
 
 import pytest
 import torch
-
 from conftest import prototype_images
+
+from pyro_vae.analysis.generation import (
+    codes,
+    decode,
+    fit_gaussian,
+    generation_report,
+    generator_log_likelihood,
+    prior_latents,
+    support_fraction,
+)
 from pyro_vae.data import ArrayDataset
 from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.estimators._weights import log_weights
-from pyro_vae.generation import (codes, decode, fit_gaussian, generation_report, generator_log_likelihood,
-                                 prior_latents, support_fraction)
 from pyro_vae.guides import GUIDES, PointGuide
 from pyro_vae.models import MODELS, Autoencoder
-from pyro_vae.runs import TrainConfig
-from pyro_vae.sites import _trace
-from pyro_vae.train import fit
+from pyro_vae.programs.sites import _trace
+from pyro_vae.training.config import TrainConfig
+from pyro_vae.training.fit import fit
 
 NET = {"x_dim": 20, "latent_dim": 3, "hidden": (16,), "activation": "tanh"}
 

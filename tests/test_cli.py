@@ -22,7 +22,7 @@ def run_cli(capsys, *argv):
 def one_line_error(capsys, *argv, match):
     code, out, err = run_cli(capsys, *argv)
     assert code != 0
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert match in lines[0], lines[0]
     return lines[0]
@@ -44,7 +44,7 @@ def test_train_evaluate_sample_and_resume(fake_dataset, capsys, tmp_path):
 
     code, out, err = run_cli(capsys, "train", "--resume", run, "--epochs", "4", "--quiet", "--eval-samples", "5")
     assert code == 0, err
-    epochs = [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4]
 
     code, out, err = run_cli(capsys, "evaluate", run, "--samples", "30", "--points", "25", "--quiet")

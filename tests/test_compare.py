@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pyro_vae.cli import main
-from pyro_vae.compare import parse_estimators
+from pyro_vae.cli.compare import parse_estimators
 from pyro_vae.errors import UserError
 
 TINY = ["--dataset", "fake", "--latent-dim", "2", "--hidden", "16", "--batch-size", "50", "--epochs", "2",

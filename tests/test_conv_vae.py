@@ -7,21 +7,23 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from conftest import prototype_images
 
-from pyro_vae.checkpoint import LATEST, load_checkpoint
-from pyro_vae.cli import _parser, _spec_from_args, main
-from pyro_vae.conv_nets import image_layout
+from pyro_vae.cli import main
+from pyro_vae.cli.parser import build_parser as _parser
+from pyro_vae.cli.parser import spec_from_args as _spec_from_args
+from pyro_vae.cli.runs import make_component
 from pyro_vae.data import ArrayDataset
 from pyro_vae.errors import UserError
-from pyro_vae.estimators import ESTIMATORS, ELBO, AnalyticKL
+from pyro_vae.estimators import ELBO, ESTIMATORS, AnalyticKL
 from pyro_vae.estimators._weights import particle_traces
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import MODELS
-from pyro_vae.runs import TrainConfig, make_component
-from pyro_vae.sites import _trace, check_data_fits, latent_sites
-from pyro_vae.train import fit
-
-from conftest import prototype_images
+from pyro_vae.nets.conv import image_layout
+from pyro_vae.programs.sites import _trace, check_data_fits, latent_sites
+from pyro_vae.training.checkpoint import LATEST, load_checkpoint
+from pyro_vae.training.config import TrainConfig
+from pyro_vae.training.fit import fit
 
 TINY_CONV = {"latent_dim": 4, "hidden": [16], "channels": [4, 8], "activation": "tanh"}
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae import data
-from pyro_vae.data import ArrayDataset, Split, load_dataset, load_mnist
+from pyro_vae.data import DATASETS, ArrayDataset, Split, load_dataset, load_mnist
+from pyro_vae.data import mnist as data
 from pyro_vae.errors import UserError
 
 
@@ -211,14 +211,14 @@ def test_load_dataset_unknown_name_or_mode(monkeypatch, tmp_path):
     def must_not_load(root):
         raise AssertionError("loaded despite a bad option")
 
-    monkeypatch.setitem(data.DATASETS, "mnist", must_not_load)
+    monkeypatch.setitem(DATASETS, "mnist", must_not_load)
     with pytest.raises(UserError, match="binarize mode 'grey'"):
         load_dataset("mnist", tmp_path, binarize="grey")
 
 
 def test_load_dataset_builds_train_and_test(monkeypatch, tmp_path):
     arrays = fake_mnist()
-    monkeypatch.setitem(data.DATASETS, "tiny", lambda root: (Split(arrays["x_train"], arrays["y_train"]),
+    monkeypatch.setitem(DATASETS, "tiny", lambda root: (Split(arrays["x_train"], arrays["y_train"]),
                                                              Split(arrays["x_test"], arrays["y_test"])))
     train, test = load_dataset("tiny", tmp_path, binarize="static", seed=4)
     assert (len(train), len(test), train.dim, train.image_shape) == (12, 6, 784, (28, 28))

@@ -7,10 +7,12 @@ import pytest
 import torch
 import torchvision
 
-from pyro_vae import data, plots
-from pyro_vae.cli import _parser, main
+from pyro_vae import data
+from pyro_vae.cli import main
+from pyro_vae.cli.parser import build_parser as _parser
 from pyro_vae.data import DATASETS, TORCHVISION_DATASETS, load_dataset, load_mnist
 from pyro_vae.errors import UserError
+from pyro_vae.plots import run as plots
 
 
 @pytest.fixture(autouse=True)

@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
+from pyro_vae.analysis.gaps import inference_gaps
+from pyro_vae.analysis.importance import KHAT_BAD, KHAT_GOOD, importance_diagnostics, point_posterior, save_netcdf
+from pyro_vae.analysis.latent_stats import latent_health, mean_kl
 from pyro_vae.cli import main
+from pyro_vae.cli.diagnose import diagnose
 from pyro_vae.data import ArrayDataset
-from pyro_vae.diagnostics import KHAT_BAD, KHAT_GOOD, importance_diagnostics, point_posterior, save_netcdf
-from pyro_vae.diagnose import diagnose
 from pyro_vae.errors import UserError
-from pyro_vae.gaps import inference_gaps
 from pyro_vae.guides import LinearGaussianGuide
-from pyro_vae.latent_stats import latent_health, mean_kl
 from pyro_vae.models import LinearGaussian
 
 X_DIM, N = 6, 8

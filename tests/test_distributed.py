@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pyro_vae.checkpoint import LATEST, load_checkpoint
-from pyro_vae.cli import main
-
 from conftest import write_npz
+
+from pyro_vae.cli import main
+from pyro_vae.training.checkpoint import LATEST, load_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "pyro_vae"]

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from pyro_vae.errors import UserError
-from pyro_vae.estimators import ESTIMATORS, ELBO, IWAE, AnalyticKL, DReG, Renyi, STL
-from pyro_vae.evaluation import evaluate
+from pyro_vae.analysis.evaluation import evaluate
+from pyro_vae.analysis.snr import gradient_samples
 from pyro_vae.data import ArrayDataset
+from pyro_vae.errors import UserError
+from pyro_vae.estimators import ELBO, ESTIMATORS, IWAE, STL, AnalyticKL, DReG, Renyi
 from pyro_vae.guides import LinearGaussianGuide
 from pyro_vae.models import LinearGaussian
-from pyro_vae.snr import gradient_samples
 
 X_DIM, Z_DIM, N = 6, 2, 8
 
@@ -232,6 +232,7 @@ def test_path_derivative_gradients_follow_the_draw_of_z_into_q_w_given_z(problem
     would drop the second and leave -e1 - e2. So the gradient of the loss on loc is, per point and
     draw, -(w~^2 for DReG, 1/K for STL) * (-loc + sum_i (x_i - sum_j w_j))."""
     import pyro
+
     from pyro_vae.estimators._weights import log_weights
     _, x, _ = problem
     guide = _HierarchicalGuide() if guide_kind == "module" else _ParamHierarchicalGuide()
@@ -279,7 +280,7 @@ def test_options_are_validated(name):
 
 def test_gradient_snr_shows_iwae_encoder_snr_falling_with_k_and_dreg_not(problem):
     """Rainforth et al. (2018): IWAE's encoder SNR falls like 1/sqrt(K); DReG's does not (Tucker et al.)."""
-    from pyro_vae.snr import gradient_snr
+    from pyro_vae.analysis.snr import gradient_snr
     model, x, _ = problem
     guide = poor_guide(model, full_covariance=True, widen=0.1, shift=0.1)
     iwae = {k: gradient_snr(model, guide, IWAE(k), x, 200) for k in (1, 100)}
@@ -470,7 +471,7 @@ def _cut_path_stl(model, guide, x):
     q(z2|z1) also cuts the path from z1 into its mean. What it drops, d log q(z2|z1) / d z1 at fixed z2,
     has mean zero given z1, so this stays unbiased; but it is noise that does not vanish at the posterior."""
     from pyro_vae.estimators._weights import _site_log_prob, particle_traces
-    from pyro_vae.sites import sample_sites
+    from pyro_vae.programs.sites import sample_sites
     model_tr, guide_tr = particle_traces(model, guide, 1, x)
     log_w = (sum(_site_log_prob(s, 1, False) for s in sample_sites(model_tr).values())
              - sum(_site_log_prob(s, 1, True) for s in sample_sites(guide_tr).values()))

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 
-import pyro_vae.evaluation as evaluation
+import pyro_vae.analysis.evaluation as evaluation
+from pyro_vae.analysis.evaluation import evaluate
 from pyro_vae.errors import UserError
 from pyro_vae.estimators import ELBO
-from pyro_vae.evaluation import evaluate
 from pyro_vae.guides import DiagonalNormalGuide
 from pyro_vae.models import BernoulliVAE
-from pyro_vae.runs import TrainConfig
-from pyro_vae.train import fit
+from pyro_vae.training.config import TrainConfig
+from pyro_vae.training.fit import fit
 
 CFG = dict(x_dim=64, latent_dim=4, hidden=(32,))
 

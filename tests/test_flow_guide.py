@@ -26,7 +26,7 @@ def _x(n: int = 4) -> torch.Tensor:
 
 def test_registered_and_built_from_network_options():
     assert GUIDES["iaf"] is IAFGuide
-    from pyro_vae.runs import make_component
+    from pyro_vae.cli.runs import make_component
     g = make_component(GUIDES, "iaf", "guide", {**NET, "hidden": [16], "num_flows": 1})
     assert g.config.hidden == (16,) and len(g.flows) == 1
 

@@ -6,20 +6,19 @@ import numpy as np
 import pyro.poutine as poutine
 import pytest
 import torch
-
-from pyro_vae.data import ArrayDataset
-from pyro_vae.errors import UserError
-from pyro_vae.estimators import ELBO, AnalyticKL, EnumELBO
-from pyro_vae.evaluation import classification_accuracy
-from pyro_vae.guides import DiagonalNormalGuide, M2Guide
-from pyro_vae.labels import check_labels, sample_kwargs
-from pyro_vae.models import M2, BetaVAE, ConditionalVAE
-from pyro_vae.runs import TrainConfig
-from pyro_vae.semi_supervised import PartiallyLabeled
-from pyro_vae.train import fit
-
 from conftest import prototype_images
 from test_cli import TINY, one_line_error, run_cli
+
+from pyro_vae.analysis.evaluation import classification_accuracy
+from pyro_vae.data import ArrayDataset
+from pyro_vae.data.semi_supervised import PartiallyLabeled
+from pyro_vae.errors import UserError
+from pyro_vae.estimators import ELBO, AnalyticKL, EnumELBO
+from pyro_vae.guides import DiagonalNormalGuide, M2Guide
+from pyro_vae.models import M2, BetaVAE, ConditionalVAE
+from pyro_vae.programs.labels import check_labels, sample_kwargs
+from pyro_vae.training.config import TrainConfig
+from pyro_vae.training.fit import fit
 
 NET = {"x_dim": 64, "latent_dim": 3, "hidden": (16,)}
 
@@ -190,7 +189,7 @@ def test_cli_conditional_model_on_unlabeled_data(capsys, tmp_path):
 
 
 def test_plots_summarize_discrete_latents_by_mode_and_decode_means():
-    from pyro_vae.plots import decode, posterior_means
+    from pyro_vae.plots.run import decode, posterior_means
     m, g = _m2_pair()
     x = torch.bernoulli(torch.full((5, 64), 0.3))
     means = posterior_means(g, x)

@@ -6,23 +6,21 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import SMALL_NET, prototype_images
+from pyro.infer import SVI
 from pyro.nn import PyroModule
 
-from pyro.infer import SVI
-
+from pyro_vae.cli.runs import make_component
 from pyro_vae.data import ArrayDataset
 from pyro_vae.errors import UserError
 from pyro_vae.estimators import EnumELBO
 from pyro_vae.estimators._weights import log_weights
-from pyro_vae.labels import eval_kwargs, sample_kwargs, train_kwargs
-from pyro_vae.runs import TrainConfig
-from pyro_vae.train import fit
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import MODELS
-from pyro_vae.runs import make_component
-from pyro_vae.sites import _trace, check_data_fits, check_pairing, latent_sites
-
-from conftest import SMALL_NET, prototype_images
+from pyro_vae.programs.labels import eval_kwargs, sample_kwargs, train_kwargs
+from pyro_vae.programs.sites import _trace, check_data_fits, check_pairing, latent_sites
+from pyro_vae.training.config import TrainConfig
+from pyro_vae.training.fit import fit
 
 # What each registered component samples, written out by hand from the docstrings: a new entry must be
 # added here, and the tests below then check that its program really has these sites.

@@ -21,8 +21,9 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_maps_models_and_guides_into_the_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    for path in ("pyro_vae/cli.py", "pyro_vae/estimators/dreg.py", "pyro_vae/models/bernoulli_vae.py",
-                 "pyro_vae/guides/diagonal_normal.py"):
+    for path in ("pyro_vae/cli/__init__.py", "pyro_vae/estimators/dreg.py", "pyro_vae/models/bernoulli_vae.py",
+                 "pyro_vae/guides/diagonal_normal.py", "pyro_vae/py.typed",
+                 *(f"pyro_vae/{sub}/__init__.py" for sub in ("analysis", "data", "nets", "plots", "programs", "training"))):
         assert path in names, path
     assert not any(n.startswith(("models/", "guides/", "tests/")) for n in names), "stray top-level packages"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

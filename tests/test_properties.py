@@ -7,11 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pyro_vae.cli import _parser, _positive, _sizes
-from pyro_vae.compare import parse_estimators
+from pyro_vae.cli.compare import parse_estimators
+from pyro_vae.cli.parser import _positive, _sizes
+from pyro_vae.cli.parser import build_parser as _parser
 from pyro_vae.data import ArrayDataset
 from pyro_vae.errors import UserError
-from pyro_vae.runs import TrainConfig
+from pyro_vae.training.config import TrainConfig
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_npz
 
-from pyro_vae import checkpoint
-from pyro_vae.checkpoint import LATEST, PREVIOUS, load_checkpoint
 from pyro_vae.cli import main
 from pyro_vae.errors import UserError
-
-from conftest import write_npz
+from pyro_vae.training import checkpoint
+from pyro_vae.training.checkpoint import LATEST, PREVIOUS, load_checkpoint
 
 TIMING = ("seconds", "images_per_s")
 

@@ -13,10 +13,10 @@ from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.guides import DiagonalNormalGuide
 from pyro_vae.models import BernoulliVAE
 from pyro_vae.models.beta_vae import BetaVAE
-from pyro_vae.optim import SharedAdam
-from pyro_vae.replay import Replayed
-from pyro_vae.runs import TrainConfig
-from pyro_vae.train import fit
+from pyro_vae.training.config import TrainConfig
+from pyro_vae.training.fit import fit
+from pyro_vae.training.optim import SharedAdam
+from pyro_vae.training.replay import Replayed
 
 CFG = dict(x_dim=64, latent_dim=4, hidden=(32,))
 ESTIMATOR_CASES = [("elbo", {}), ("analytic-kl", {}), ("iwae", {"num_particles": 3}), ("dreg", {"num_particles": 3}),

@@ -5,14 +5,15 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae.checkpoint import LATEST, PREVIOUS, load_checkpoint
 from pyro_vae.errors import UserError
 from pyro_vae.estimators import ELBO
 from pyro_vae.guides import DiagonalNormalGuide
 from pyro_vae.models import BernoulliVAE
-from pyro_vae.runs import RunDir, TrainConfig
-from pyro_vae.train import TrainingDiverged, fit, resolve_device
-
+from pyro_vae.training.checkpoint import LATEST, PREVIOUS, load_checkpoint
+from pyro_vae.training.config import TrainConfig
+from pyro_vae.training.device import resolve_device
+from pyro_vae.training.fit import TrainingDiverged, fit
+from pyro_vae.training.run_dir import RunDir
 
 CFG = dict(x_dim=64, latent_dim=4, hidden=(32,))
 

@@ -6,15 +6,14 @@ import pyro
 import pyro.optim
 import pytest
 import torch
+from conftest import SMALL_NET, prototype_images
 from pyro.infer import SVI
 
-from pyro_vae.estimators import AnalyticKL, ELBO, ESTIMATORS
+from pyro_vae.cli.runs import make_component
+from pyro_vae.estimators import ELBO, ESTIMATORS, AnalyticKL
 from pyro_vae.guides import GUIDES, TwoLayerGuide
 from pyro_vae.models import MODELS, TwoLayerVAE
-from pyro_vae.runs import make_component
-from pyro_vae.sites import _trace, check_pairing, latent_sites
-
-from conftest import SMALL_NET, prototype_images
+from pyro_vae.programs.sites import _trace, check_pairing, latent_sites
 
 SMALL = {**SMALL_NET, "x_dim": 64, "z1_dim": 8, "top_hidden": [16]}
 

@@ -22,8 +22,8 @@ from pyro.distributions.util import detach, scale_and_mask
 from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER
 from pyro.poutine.messenger import Messenger
 
-from ..errors import UserError
-from ..sites import _trace, latent_sites, max_plate_nesting, sample_sites
+from pyro_vae.errors import UserError
+from pyro_vae.programs.sites import _trace, latent_sites, max_plate_nesting, sample_sites
 
 _NESTING: WeakKeyDictionary = WeakKeyDictionary()
 

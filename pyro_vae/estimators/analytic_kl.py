@@ -13,7 +13,6 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from ._weights import check_num_particles
 from .elbo import kl_scaled_guide
 
-
 # per guide: does it sample its latents in another order than its model?
 _OUT_OF_ORDER: WeakKeyDictionary = WeakKeyDictionary()
 

@@ -7,9 +7,10 @@ from typing import ClassVar
 
 import torch
 
-from ..replay import scale_grad
-from ..sites import latent_sites
+from pyro_vae.programs.sites import latent_sites
+
 from ._weights import check_num_particles, estimator_log_weights
+from .grad_scaling import scale_grad
 
 
 @dataclass(frozen=True)

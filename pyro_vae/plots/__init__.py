@@ -1,0 +1,1 @@
+"""PNG plots: a run's curves, reconstructions and samples (``run``); diagnostics of its latents (``latent``)."""
