@@ -7,6 +7,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
+from torch import nn
 
 from pyro_vae.models.cvae import one_hot_like
 from pyro_vae.nets import mlp, split_loc_scale
@@ -42,7 +43,6 @@ class M2Guide(PyroModule):
                            config.activation)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, **kwargs) -> None:
-        c = self.config.num_classes
         with pyro.plate("data", x.shape[0], dim=-1):
             logits = self.classifier(x)
             if y is None:
@@ -50,7 +50,18 @@ class M2Guide(PyroModule):
             elif self.config.aux_weight > 0:
                 log_q = dist.Categorical(logits=logits).log_prob(y)
                 pyro.factor("y_classifier", -self.config.aux_weight * log_q, has_rsample=True)
-            batch = torch.broadcast_shapes(y.shape, x.shape[:-1])
-            h = torch.cat([x.expand(*batch, x.shape[-1]), one_hot_like(y, c, batch)], -1)
-            loc, scale = split_loc_scale(self.encoder(h))
+            loc, scale = split_loc_scale(self._encode(x, y))
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def _encode(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``encoder([x, onehot(y)])``, with the first layer's product split in two: W [x, onehot y] =
+        W_x x + W_y onehot(y). With y enumerated over C classes this computes W_x x once instead of
+        C times (the largest matrix product of the guide), and the result equals the concatenated form
+        to float rounding."""
+        first = self.encoder[0]
+        d = x.shape[-1]
+        h = nn.functional.linear(x, first.weight[:, :d], first.bias)  # (..., B, hidden)
+        batch = torch.broadcast_shapes(y.shape, x.shape[:-1])
+        # a one-hot product rather than indexing by y: the fast path records it as a plain tensor graph
+        h = h + one_hot_like(y, self.config.num_classes, batch) @ first.weight[:, d:].T
+        return self.encoder[1:](h)

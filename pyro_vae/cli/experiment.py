@@ -33,8 +33,10 @@ def load_data(spec: RunSpec) -> tuple[ArrayDataset, ArrayDataset]:
         train = train.head(int(d["train_points"]))
     if d.get("test_points"):
         test = test.head(int(d["test_points"]))
+    if d.get("labeled_every") and not d.get("labeled"):
+        raise UserError("--labeled-every schedules the labeled batches of a semi-supervised run; give --labeled N")
     if d.get("labeled"):
-        train = PartiallyLabeled(train, int(d["labeled"]), seed=spec.train.seed)
+        train = PartiallyLabeled(train, int(d["labeled"]), seed=spec.train.seed, labeled_every=d.get("labeled_every"))
     return train, test
 
 

@@ -98,6 +98,9 @@ def _run_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--test-points", type=pos_int, default=None, help="use only the first N test points")
     g.add_argument("--labeled", type=pos_int, default=None, metavar="N",
                    help="semi-supervised: keep the labels of N training points (class-balanced), hide the rest")
+    g.add_argument("--labeled-every", type=pos_int, default=None, metavar="K",
+                   help="semi-supervised: a labeled batch after every K unlabeled ones, cycling the labeled "
+                        "points (default: each labeled point once per epoch)")
     g = t.add_argument_group("training")
     g.add_argument("--epochs", type=pos_int, default=None, help="(default: 80, about 5 minutes on 2 CPU cores)")
     g.add_argument("--batch-size", type=pos_int, default=None, help="(default: 100)")
@@ -204,7 +207,8 @@ def spec_from_args(a: argparse.Namespace):
             network[key] = getattr(a, flag)
     data = dict(base.data)
     for flag, key in (("dataset", "name"), ("data_root", "root"), ("binarize", "binarize"),
-                      ("train_points", "train_points"), ("test_points", "test_points"), ("labeled", "labeled")):
+                      ("train_points", "train_points"), ("test_points", "test_points"), ("labeled", "labeled"),
+                      ("labeled_every", "labeled_every")):
         if getattr(a, flag) is not None:
             data[key] = getattr(a, flag)
     est_opts = dict(base.estimator_options)

@@ -6,8 +6,9 @@ from typing import Iterator
 
 import torch
 
-from .arrays import ArrayDataset
 from pyro_vae.errors import UserError
+
+from .arrays import ArrayDataset
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -27,14 +28,21 @@ def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 class PartiallyLabeled:
     """A training set of which ``num_labeled`` points (class-balanced) keep their labels.
 
-    An epoch is one pass over the unlabeled points in batches ``(x, None)``, with a labeled batch
-    ``(x, y)`` after every ``labeled_every`` of them; the labeled points are reshuffled every epoch and
-    each is seen about once per epoch (the schedule of Pyro's semi-supervised VAE tutorial). All
-    randomness comes from the generator passed to ``batches``, so a resumed run replays an epoch exactly.
-    ``labels`` holds -1 for the points whose label is hidden.
+    An epoch is one pass over the unlabeled points in batches ``(x, None)``, with labeled batches
+    ``(x, y)`` placed between them. By default (``labeled_every=None``) the labeled batches are spread
+    evenly so that each labeled point is seen once per epoch (the schedule of Pyro's semi-supervised VAE
+    tutorial: with 100 labels and batches of 200 that is one labeled step per epoch). With
+    ``labeled_every=k`` a labeled batch follows every k unlabeled ones, whatever the number of labels:
+    the labeled points are served in passes, each reshuffled, as often as the schedule asks (oversampling
+    when there are few of them). All randomness comes from the generator passed to ``batches``, so a
+    resumed run replays an epoch exactly. ``labels`` holds -1 for the points whose label is hidden.
     """
 
-    def __init__(self, data: ArrayDataset, num_labeled: int, seed: int = 0):
+    def __init__(self, data: ArrayDataset, num_labeled: int, seed: int = 0, labeled_every: int | None = None):
+        if labeled_every is not None and (isinstance(labeled_every, bool) or not isinstance(labeled_every, int)
+                                          or labeled_every < 1):
+            raise UserError(f"labeled_every must be a positive integer (unlabeled batches per labeled one), "
+                            f"got {labeled_every!r}")
         if data.labels is None:
             raise UserError("semi-supervised training needs a labeled dataset to hide labels from")
         idx = balanced_subset(data.labels, num_labeled, seed)
@@ -50,6 +58,7 @@ class PartiallyLabeled:
         self.labels[idx] = data.labels[idx]
         self.binarize, self.image_shape, self.dim = data.binarize, data.image_shape, data.dim
         self.num_labeled = num_labeled
+        self.labeled_every = labeled_every
 
     def _plan(self, batch_size: int) -> tuple[int, int, int]:
         unlabeled_batches = math.ceil(len(self.unlabeled) / batch_size)
@@ -64,6 +73,9 @@ class PartiallyLabeled:
                 device: torch.device | str = "cpu", drop_last: bool = False,
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         labeled_size, labeled_batches, every = self._plan(batch_size)
+        if self.labeled_every is not None:
+            yield from self._oversampled(batch_size, labeled_size, shuffle, generator, device, drop_last)
+            return
         labeled = self.labeled.batches(labeled_size, shuffle=shuffle, generator=generator, device=device)
         done = 0
         for i, (x, _) in enumerate(self.unlabeled.batches(batch_size, shuffle=shuffle, generator=generator,
@@ -74,6 +86,18 @@ class PartiallyLabeled:
                 yield next(labeled)
         for xy in labeled:  # any labeled batches the schedule did not place
             yield xy
+
+    def _oversampled(self, batch_size, labeled_size, shuffle, generator, device, drop_last):
+        def passes():  # labeled batches without end, one reshuffled pass after another
+            while True:
+                yield from self.labeled.batches(labeled_size, shuffle=shuffle, generator=generator, device=device)
+
+        labeled = passes()
+        for i, (x, _) in enumerate(self.unlabeled.batches(batch_size, shuffle=shuffle, generator=generator,
+                                                          device=device, drop_last=drop_last)):
+            yield x, None
+            if (i + 1) % self.labeled_every == 0:
+                yield next(labeled)
 
 
 def _served(binarize: str) -> str:
