@@ -64,9 +64,14 @@ def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
 
 
 def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_points: int | None,
-                      resume: bool = False, quiet: bool = False):
-    """Train, plot and evaluate one run; returns (run, model, guide, test data, history, evaluation summary)."""
-    world = distributed.join(resolve_device(spec.train.device))
+                      resume: bool = False, quiet: bool = False, world: distributed.World | None = None,
+                      on_epoch=None):
+    """Train, plot and evaluate one run; returns (run, model, guide, test data, history, evaluation summary).
+
+    ``world`` defaults to the processes torchrun launched (one run trained by all of them); pass
+    ``distributed.SINGLE`` to train in this process alone. ``on_epoch(row, model, guide, test)`` is called
+    after every epoch's checkpoint."""
+    world = distributed.join(resolve_device(spec.train.device)) if world is None else world
     run = distributed.on_main(world, lambda: RunDir(out).create(fresh=not resume)) or RunDir(out)
     if resume:
         saved = read_spec(run)
@@ -86,8 +91,9 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
     distributed.on_main(world, lambda: run.write_json(CONFIG, {
         "spec": spec.to_dict(), "versions": versions(device), "estimator": repr(estimator),
         **({"processes": world.size} if world.active else {})}))
+    hook = (lambda row: on_epoch(row, model, guide, test)) if on_epoch is not None else None
     history = fit(model, guide, estimator, train, test, spec.train, run_dir=run, resume=resume,
-                  run_config=spec.to_dict(), quiet=quiet, world=world)
+                  run_config=spec.to_dict(), quiet=quiet, world=world, on_epoch=hook)
     distributed.on_main(world, lambda: write_plots(run, model, guide, test, history, device))
     summary = evaluate_run(run, model, guide, test, eval_samples, eval_points, device, spec.train.seed, quiet,
                            world)

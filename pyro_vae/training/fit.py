@@ -21,6 +21,7 @@ from pyro_vae.errors import UserError
 from pyro_vae.programs.labels import check_labels, eval_kwargs, train_kwargs
 from pyro_vae.programs.sites import check_data_fits, check_pairing
 from pyro_vae.training import distributed as dist
+from pyro_vae.training.budget import Budget
 from pyro_vae.training.checkpoint import latest_checkpoint, save_checkpoint
 from pyro_vae.training.config import TrainConfig
 from pyro_vae.training.device import resolve_device
@@ -48,7 +49,7 @@ def _all_finite(*modules: torch.nn.Module) -> bool:
 
 @dataclass
 class History:
-    """One row per finished epoch: epoch, step, train_elbo, seconds, images_per_s[, test_elbo]."""
+    """One row per finished epoch: epoch, step, train_elbo, seconds, images_per_s, train_seconds, evals[, test_elbo]."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -139,6 +140,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
     # the fast path (SharedAdam + a replayed loss) makes the same updates as SVI + pyro.optim.Adam
     optim = SharedAdam({"lr": config.lr}, **clip) if config.replay else pyro.optim.Adam({"lr": config.lr}, **clip)
     pos = _Position()
+    budget = Budget(config, estimator, min_points=world.size)  # config.max_seconds / max_evals
     rank_rngs = None
 
     def save() -> None:
@@ -163,7 +165,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             "model": model.state_dict(), "guide": guide.state_dict(), "optimizer": optim.get_state(),
             "epoch": pos.epoch, "batch": pos.batch, "step": pos.step, "partial": [pos.total, pos.seen, pos.seconds],
             "epoch_rng": pos.epoch_rng, "rng": rng_state(), "data_rng": data_gen.get_state(),
-            "metrics": history.rows, "config": run_config or {}, "world_size": world.size,
+            "metrics": history.rows, "config": run_config or {}, "world_size": world.size, "budget": budget.state(),
             **({"rank_rng": rank_rngs} if world.active else {})})
         run_dir.write_metrics(history.rows)
 
@@ -199,6 +201,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                                 f"(was the config changed?): {first}") from e
             optim.set_state(ckpt["optimizer"])
             history.rows = list(ckpt["metrics"])
+            budget.restore(ckpt.get("budget"))
             if ckpt["batch"]:  # stopped mid-epoch: replay that epoch's data order up to where it was
                 pos = _Position(ckpt["epoch"], ckpt["batch"], ckpt["step"], *ckpt["partial"], ckpt["epoch_rng"])
                 data_gen.set_state(ckpt["epoch_rng"])
@@ -219,10 +222,13 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
         else:
             svi = SVI(model, guide, optim, loss=estimator)
         for epoch in range(pos.epoch, config.epochs + 1):
+            if budget.done:
+                break
             if pos.batch == 0:
                 pos = _Position(epoch, 0, pos.step, epoch_rng=data_gen.get_state())
             t0 = time.perf_counter() - pos.seconds
-            bar = tqdm(total=len(train_data), initial=pos.seen, desc=f"epoch {epoch}/{config.epochs}", unit="img",
+            budget.start()
+            bar = tqdm(total=len(train_data), initial=pos.seen, desc=budget.label(epoch, config.epochs), unit="img",
                        leave=False, disable=quiet, file=sys.stderr, mininterval=0.5)
             batches = train_data.batches(config.batch_size, shuffle=True, generator=data_gen, device=device)
             for i, (x, y) in enumerate(batches):
@@ -231,6 +237,8 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 n_global = x.shape[0]
                 if n_global < world.size:
                     continue  # a last batch too small to give every rank a point (the same on every rank)
+                x, y = budget.trim(x, y)  # an evals budget cuts its last batch to the points it has left
+                n_global = x.shape[0]
                 announce_step(pos.step, model, guide)
                 x, y = dist.shard(world, x, y)
                 loss = svi.step(x, **train_kwargs(model, y))
@@ -239,6 +247,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                     loss, stopping = dist.sum_scalars(world, [loss, float(sigint.raised)])
                     stop = stopping > 0
                 pos.step += 1
+                budget.spend(n_global)
                 if not math.isfinite(loss):
                     bar.close()
                     raise TrainingDiverged(
@@ -256,11 +265,13 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                     where = f"epoch {epoch}, step {pos.step}"
                     raise Interrupted(f"interrupted at {where}; " + (
                         f"checkpoint saved, continue with --resume {run_dir.path}" if run_dir else "nothing saved"))
+                if budget.done:  # ends like a last epoch: its row, test bound and checkpoint follow
+                    break
                 if config.checkpoint_every and pos.step % config.checkpoint_every == 0 and pos.seen < len(train_data):
                     save()
             bar.close()
             row = {"epoch": epoch, "step": pos.step, "train_elbo": -pos.total / pos.seen, "seconds": pos.seconds,
-                   "images_per_s": pos.seen / pos.seconds}
+                   "images_per_s": pos.seen / pos.seconds, **budget.row()}
             if test_data is not None:
                 # a fixed seed keeps the test bound comparable across epochs and untouched by training RNG
                 state = rng_state()
