@@ -118,7 +118,7 @@ def run(job: Job, *, quiet: bool = False) -> dict[str, Any]:
     from pyro_vae.cli.runs import make_estimator
     from pyro_vae.estimators import ESTIMATORS
     from pyro_vae.programs.labels import eval_kwargs
-    from pyro_vae.training.distributed import SINGLE
+    from pyro_vae.training.distributed import SINGLE, from_env
 
     resume = _check_resumable(job)
     curve = _Curve(job)
@@ -146,7 +146,7 @@ def run(job: Job, *, quiet: bool = False) -> dict[str, Any]:
     rows = history.rows
     last = rows[-1]
     result = {
-        "settings": job.settings(), "estimator": job.label, "seed": job.seed,
+        "settings": job.settings(), "estimator": job.label, "seed": job.seed, "rank": from_env().rank,
         "test_elbo": summary["elbo"], "test_elbo_se": summary["elbo_se"],
         "nll": summary["nll"], "nll_se": summary["log_likelihood_se"], "num_points": summary["num_points"],
         "kl": kl, "active_units": active, "encoder_snr": snr["encoder"], "decoder_snr": snr["decoder"],
