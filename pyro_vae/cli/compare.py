@@ -128,8 +128,10 @@ def _run_parallel(todo: list[Job], jobs: int, quiet: bool) -> None:
     threads = max(1, torch.get_num_threads() // jobs)
     _say(quiet, f"{len(todo)} runs, {jobs} at a time ({threads} thread{'s' * (threads > 1)} each); "
                 "each run's log is its folder's compare.log")
-    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=compare_run.init_worker,
-                               initargs=(threads,))
+    context = get_context("spawn")
+    stop = context.Event()  # on the first error or Ctrl-C, the runs already queued to the workers do not start
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=compare_run.init_worker,
+                               initargs=(threads, stop))
     bar = tqdm(total=len(todo), desc="runs", unit="run", disable=quiet, file=sys.stderr)
     try:
         pending = {pool.submit(compare_run.run_in_worker, job) for job in todo}
@@ -146,6 +148,7 @@ def _run_parallel(todo: list[Job], jobs: int, quiet: bool) -> None:
     except Interrupted:
         raise Interrupted(f"interrupted; {RERUN}") from None
     finally:
+        stop.set()
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -174,13 +174,22 @@ def per_point_log_likelihood(folder: Path) -> np.ndarray:
                         "the run again") from e
 
 
-def init_worker(threads: int) -> None:
-    """A worker process of ``--jobs``: its share of the CPU threads."""
+_stop = None  # set by the parent when the comparison stops: queued runs then do not start
+
+
+def init_worker(threads: int, stop) -> None:
+    """A worker process of ``--jobs``: its share of the CPU threads, and the parent's stop event."""
+    global _stop
+    _stop = stop
     torch.set_num_threads(threads)
 
 
 def run_in_worker(job: Job) -> dict[str, Any]:
     """``run`` in a worker process, its console output kept in the run's folder (compare.log)."""
+    from pyro_vae.training.fit import Interrupted
+
+    if _stop is not None and _stop.is_set():
+        raise Interrupted(f"{job.label} seed {job.seed} not started")
     job.folder.mkdir(parents=True, exist_ok=True)
     with open(job.folder / "compare.log", "a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
