@@ -98,7 +98,7 @@ def plot_time(rows: list[dict], path: Path) -> bool:
                 continue
             t, mean, low, high = got
             color = f"C{i % 10}"
-            ax.plot(t, mean, marker="." if len(t) < 30 else None, color=color, label=r["estimator"])
+            ax.plot(t, mean, marker="." if len(t) <= 15 else None, color=color, label=r["estimator"])
             if low is not None:
                 ax.fill_between(t, low, high, color=color, alpha=0.2, lw=0)
         ax.set_xlabel("training seconds (wall clock of the steps)")
