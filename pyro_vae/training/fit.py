@@ -80,7 +80,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 raise Interrupted(f"interrupted after epoch {epoch}; " + _where_saved(run))
             if on_epoch is not None and world.main:
                 on_epoch(row)
-            if world.main:
+            if not quiet:
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                            file=sys.stdout)
     return History(run.history)
