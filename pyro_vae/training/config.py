@@ -17,6 +17,7 @@ class TrainConfig:
     clip_norm: float | None = None       # clip each parameter's gradient norm (Pyro's clip_args)
     replay: bool = True                  # replay the loss recorded per input shape (pyro_vae.training.replay); False: eager
     compile: bool = False                # also torch.compile the recorded graph (needs replay)
+    audit: bool = True                   # compare replayed steps with eager ones on a schedule (replay_svi.py)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):

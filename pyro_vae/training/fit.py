@@ -21,9 +21,10 @@ from pyro_vae.training.config import TrainConfig
 from pyro_vae.training.device import resolve_device
 from pyro_vae.training.optim import SharedAdam
 from pyro_vae.training.replay import Replayed, ReplaySVI
+from pyro_vae.training.replay_svi import AuditSchedule
 from pyro_vae.training.rng import rng_state, set_rng_state
 from pyro_vae.training.run_dir import RunDir
-from pyro_vae.training.state import Position, Run, restore, save
+from pyro_vae.training.state import Position, Run, restore, save, write_fast_path
 from pyro_vae.training.stops import Interrupted, SigintFlag, TrainingDiverged
 
 __all__ = ["History", "Interrupted", "TrainingDiverged", "announce_step", "fit", "test_bound"]
@@ -108,11 +109,31 @@ def _check_programs(model, guide, estimator, train_data: ArrayDataset, test_data
 
 
 def _make_svi(run: Run, estimator: Callable) -> SVI:
-    """SVI over the replayed loss (the default), or Pyro's own SVI with ``replay=False``."""
-    if run.config.replay or run.world.active:
-        loss = Replayed(estimator, compile=run.config.compile) if run.config.replay else estimator
-        return ReplaySVI(run.model, run.guide, run.optim, loss, world=run.world)
-    return SVI(run.model, run.guide, run.optim, loss=estimator)
+    """SVI over the replayed loss, audited (the default), or Pyro's own SVI with ``replay=False``.
+
+    A resumed run whose fast path had switched to eager stays eager."""
+    config = run.config
+    if not (config.replay or run.world.active):
+        return SVI(run.model, run.guide, run.optim, loss=estimator)
+    loss = Replayed(estimator, compile=config.compile) if config.replay else estimator
+    svi = ReplaySVI(run.model, run.guide, run.optim, loss, world=run.world,
+                    audit=AuditSchedule() if config.audit else None)
+    svi.steps_done = run.pos.step
+    if config.replay and run.fast_path:
+        last = run.fast_path[-1]
+        loss.give_up(f"it switched to eager at step {last['step']} before the run was resumed ({last['reason']})",
+                     step=run.pos.step + 1)
+        loss.events.clear()  # already on record
+    return svi
+
+
+def _note_fast_path(run: Run, svi: SVI) -> None:
+    """Record in the run (and its folder) when the fast path has just switched to eager."""
+    events = getattr(svi.loss, "events", None)
+    if events:
+        run.fast_path += events
+        events.clear()
+        write_fast_path(run)
 
 
 def _train_epoch(run: Run, svi: SVI, data: ArrayDataset, epoch: int, device: torch.device, sigint: SigintFlag,
@@ -135,6 +156,7 @@ def _train_epoch(run: Run, svi: SVI, data: ArrayDataset, epoch: int, device: tor
             announce_step(pos.step, run.model, run.guide)
             x, y = dist.shard(world, x, y)
             loss = svi.step(x, **train_kwargs(run.model, y))
+            _note_fast_path(run, svi)
             stop = sigint.raised
             if world.active:  # the batch's loss, and whether any rank was interrupted: decided together
                 loss, stopping = dist.sum_scalars(world, [loss, float(sigint.raised)])

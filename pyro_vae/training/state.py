@@ -5,6 +5,7 @@ was never stopped; ``restore`` reads it back into a freshly set-up ``Run``.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +15,13 @@ import torch
 
 from pyro_vae.errors import UserError
 from pyro_vae.training import distributed as dist
-from pyro_vae.training.checkpoint import latest_checkpoint, save_checkpoint
+from pyro_vae.training.checkpoint import atomic_write, latest_checkpoint, save_checkpoint
 from pyro_vae.training.config import TrainConfig
 from pyro_vae.training.rng import rng_state, set_rng_state
 from pyro_vae.training.run_dir import RunDir
 from pyro_vae.training.stops import TrainingDiverged
+
+FAST_PATH = "fast_path.jsonl"  # in the run folder: a line each time the fast path switched to eager
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Run:
     data_gen: torch.Generator = field(default_factory=torch.Generator)
     history: list[dict[str, Any]] = field(default_factory=list)
     pos: Position = field(default_factory=Position)
+    # the fast path's switches to eager, {"step", "reason"}: a resumed run stays eager after one
+    fast_path: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _all_finite(*modules: torch.nn.Module) -> bool:
@@ -79,8 +84,17 @@ def _write(run: Run, rank_rngs: list | None) -> None:
         "epoch": pos.epoch, "batch": pos.batch, "step": pos.step, "partial": [pos.total, pos.seen, pos.seconds],
         "epoch_rng": pos.epoch_rng, "rng": rng_state(), "data_rng": run.data_gen.get_state(),
         "metrics": run.history, "config": run.run_config, "world_size": run.world.size,
-        **({"rank_rng": rank_rngs} if run.world.active else {})})
+        "fast_path": run.fast_path, **({"rank_rng": rank_rngs} if run.world.active else {})})
     run.run_dir.write_metrics(run.history)
+    write_fast_path(run)
+
+
+def write_fast_path(run: Run) -> None:
+    """Rewrite the run folder's record of the fast path's switches to eager (rank 0; none: no file)."""
+    if run.run_dir is None or not run.world.main or not run.fast_path:
+        return
+    text = "".join(json.dumps(e) + "\n" for e in run.fast_path)
+    atomic_write(run.run_dir.path / FAST_PATH, lambda p: p.write_text(text))
 
 
 def restore(run: Run) -> None:
@@ -97,6 +111,7 @@ def restore(run: Run) -> None:
                         f"(was the config changed?): {first}") from e
     run.optim.set_state(ckpt["optimizer"])
     run.history = list(ckpt["metrics"])
+    run.fast_path = list(ckpt.get("fast_path", []))
     if ckpt["batch"]:  # stopped mid-epoch: draw that epoch's data order again up to where it was
         run.pos = Position(ckpt["epoch"], ckpt["batch"], ckpt["step"], *ckpt["partial"], ckpt["epoch_rng"])
         run.data_gen.set_state(ckpt["epoch_rng"])
