@@ -164,6 +164,8 @@ class Replayed:
 
     def _compile(self, rec: Recording, tensors: list, start: StepState) -> None:
         """Compile the graph and run it forward and backward once; on any failure keep it uncompiled."""
+        # torch.compile's first use turns torch.distributions' argument checks off for the whole process
+        validate = torch.distributions.Distribution._validate_args
         try:
             compiled = torch.compile(rec.graph, dynamic=False, options=dict(COMPILE_OPTIONS))
             out = compiled(*rec.live, *tensors)
@@ -178,6 +180,7 @@ class Replayed:
             rec.graph, rec.exact = compiled, False  # a compiled graph holds its constants: bound ones unbind it
         finally:
             start.restore()  # the trial run drew random numbers and wrote tensors
+            torch.distributions.Distribution.set_default_validate_args(validate)
 
     def _replay(self, rec: Recording, tensors, start, model, guide, args, kwargs) -> torch.Tensor:
         audit = start is not None or self.audit_next  # the first replay of every recording is audited
