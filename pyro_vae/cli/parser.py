@@ -211,7 +211,7 @@ def spec_from_args(a: argparse.Namespace):
     for flag, field in ESTIMATOR_FLAGS.items():
         if getattr(a, flag, None) is not None:
             est_opts[field] = getattr(a, flag)
-    train = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in vars(base.train).items()}
+    train = {k: getattr(a, k) if getattr(a, k, None) is not None else v for k, v in vars(base.train).items()}
     return RunSpec(model=a.model or base.model, guide=a.guide or base.guide,
                    estimator=getattr(a, "estimator", None) or base.estimator, estimator_options=est_opts,
                    network=network, data=data, train=TrainConfig(**train))

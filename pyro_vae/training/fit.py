@@ -21,7 +21,7 @@ from pyro_vae.training.config import TrainConfig
 from pyro_vae.training.device import resolve_device
 from pyro_vae.training.optim import SharedAdam
 from pyro_vae.training.replay import Replayed, ReplaySVI
-from pyro_vae.training.replay_svi import AuditSchedule
+from pyro_vae.training.replay_svi import DEFAULT_AUDIT
 from pyro_vae.training.rng import rng_state, set_rng_state
 from pyro_vae.training.run_dir import RunDir
 from pyro_vae.training.state import Position, Run, restore, save, write_fast_path
@@ -117,7 +117,7 @@ def _make_svi(run: Run, estimator: Callable) -> SVI:
         return SVI(run.model, run.guide, run.optim, loss=estimator)
     loss = Replayed(estimator, compile=config.compile) if config.replay else estimator
     svi = ReplaySVI(run.model, run.guide, run.optim, loss, world=run.world,
-                    audit=AuditSchedule() if config.audit else None)
+                    audit=DEFAULT_AUDIT if config.audit else None)
     svi.steps_done = run.pos.step
     if config.replay and run.fast_path:
         last = run.fast_path[-1]

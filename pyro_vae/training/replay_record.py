@@ -181,6 +181,10 @@ def _data_dependent_size(graph: torch.fx.GraphModule) -> str | None:
             vals = [i.meta.get("val") for i in n.args[1] if isinstance(i, torch.fx.Node)]
             if not any(v is not None and v.dtype in (torch.bool, torch.uint8) for v in vals):
                 continue
+        if t.name() == "aten::one_hot" and (n.args[1] if len(n.args) > 1 else n.kwargs.get("num_classes", -1)) >= 0:
+            continue  # one_hot(y, num_classes): the size is given
+        if t.name() == "aten::repeat_interleave" and n.kwargs.get("output_size") is not None:
+            continue
         return t.__name__
     return None
 

@@ -34,6 +34,9 @@ class AuditSchedule:
         return step >= 2 and ((step <= self.doubling_until and step & (step - 1) == 0) or step % self.every == 0)
 
 
+DEFAULT_AUDIT = AuditSchedule()
+
+
 class ReplaySVI(SVI):
     """``pyro.infer.SVI`` whose step takes the parameters from a ``Replayed`` loss when it has them.
 
@@ -47,7 +50,7 @@ class ReplaySVI(SVI):
     off; ``audit_seconds`` is the time the audits took.
     """
 
-    def __init__(self, model, guide, optim, loss, world=None, audit: AuditSchedule | None = AuditSchedule()) -> None:
+    def __init__(self, model, guide, optim, loss, world=None, audit: AuditSchedule | None = DEFAULT_AUDIT) -> None:
         self.world = world
         self.audit = audit
         self.steps_done = 0
@@ -88,7 +91,7 @@ class ReplaySVI(SVI):
                 t0 = time.perf_counter()
                 loss, params, mismatch = self._audit(pending, loss, params, args, kwargs)
                 self.audit_seconds += time.perf_counter() - t0
-        if due and self._active:  # the ranks switch to eager together
+        if due and self._active and replayed is not None:  # the ranks switch to eager together
             if sum_scalars(self.world, [float(mismatch is not None)])[0] and mismatch is None:
                 mismatch = "the replayed step differed from eager on another process"
         if mismatch is not None:
