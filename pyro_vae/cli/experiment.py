@@ -22,6 +22,7 @@ from pyro_vae.training import distributed
 from pyro_vae.training.checkpoint import LATEST, load_checkpoint
 from pyro_vae.training.device import resolve_device
 from pyro_vae.training.fit import History, fit
+from pyro_vae.training.rng import seeded
 from pyro_vae.training.run_dir import CONFIG, EVALUATION, RunDir
 
 
@@ -55,8 +56,7 @@ def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
         options["image_shape"] = tuple(image_shape)
     if num_classes is not None:
         options.setdefault("num_classes", num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.train.seed)
+    with seeded(spec.train.seed):  # built on the CPU: only the CPU generator is seeded, and put back
         model = make_component(MODELS, spec.model, "model", options)
         guide = make_component(GUIDES, spec.guide, "guide", options)
     estimator = make_estimator(ESTIMATORS, spec.estimator, spec.estimator_options)
