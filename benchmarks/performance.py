@@ -57,7 +57,8 @@ ABLATION = ("eager", "eager, validation off", "+ SharedAdam", "project", "projec
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, pyro {pyro.__version__}"
+        return (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
+                f"pyro {pyro.__version__}")
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}, pyro {pyro.__version__}")
 
@@ -214,10 +215,10 @@ def eval_worker(args) -> None:
     print(json.dumps(out))
 
 
-def run_eval(kind: str, k: int, points: int, a) -> dict:
+def run_eval(kind: str, k: int, points: int, a, timeout: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--eval-worker", kind, "--k", str(k), "--points", str(points),
            "--device", a.device, "--dataset", a.dataset, "--data-root", a.data_root]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=timeout)
     return {"evaluator": kind, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
