@@ -1,6 +1,6 @@
 """The GPU check: everything worth knowing about the CUDA path, from one command, into one results file.
 
-    python3 dev.py gpu-check              # on a machine with CUDA: about 5-8 minutes on one GPU
+    python3 dev.py gpu-check              # on a machine with CUDA: sized for at most 8 minutes on one GPU
     python3 dev.py gpu-check --dry-run    # anywhere: the same steps on the CPU with tiny sizes (~1 minute)
 
 Steps, each with its own share of ``--budget`` seconds (default 450) so the whole fits in 8 minutes:
