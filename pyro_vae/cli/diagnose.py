@@ -229,6 +229,12 @@ def report_lines(s: dict[str, Any]) -> list[str]:
                   f"  log p(x) - L[q] = {gaps['inference_gap']:.2f} = amortization {gaps['amortization_gap']:.2f} "
                   f"± {gaps['amortization_gap_se']:.2f} + approximation {gaps['approximation_gap']:.2f} "
                   f"± {gaps['approximation_gap_se']:.2f} nats"]
+        if gaps.get("points_disagree"):
+            lines.append(f"  at {gaps['points_disagree']} of {gaps['num_points']} points the IS estimates from q and "
+                         "from q* alone disagree beyond their standard errors (one misses posterior mass); "
+                         "log p(x) there comes from both proposals' draws together (gaps.csv: disagree)")
+        if gaps.get("local_transformed"):
+            lines.append(f"  q* is Gaussian in the unconstrained space of {', '.join(gaps['local_transformed'])}")
     lines.append(f"latent units: {lat['active_units']} of {lat['total_units']} active, KL {lat['kl']:.2f} nats")
     if lat["warning"]:
         lines.append(f"warning: {lat['warning']}")

@@ -93,7 +93,9 @@ def marginals_plot(diag: ImportanceDiagnostics, prior: dict[str, np.ndarray], un
         ax.hist(z, bins=bins, density=True, histtype="step", color="C0", lw=1.5, label="q(z|x)")
         ax.hist(z, bins=bins, weights=weights, density=True, histtype="step", color="C3", lw=1.5,
                 label="q reweighted (PSIS) ~ p(z|x)")
-        if gaps is not None and point < len(gaps.points) and site in gaps.local_loc:
+        # q* of a constrained site is Gaussian in its unconstrained space, not in z: no such curve for it
+        if (gaps is not None and point < len(gaps.points) and site in gaps.local_loc
+                and site not in gaps.local_transformed):
             loc = gaps.local_loc[site].reshape(len(gaps.points), -1)[point, i]
             scale = gaps.local_scale[site].reshape(len(gaps.points), -1)[point, i]
             grid = np.linspace(lo, hi, 400)
