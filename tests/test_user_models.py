@@ -9,6 +9,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.nn import PyroModule
 from torch import nn
 
 from pyro_vae.analysis.gaps import inference_gaps
@@ -229,3 +230,148 @@ def test_gaps_accept_a_real_valued_mixture_latent(float64):
     exact = model.exact_log_likelihood(x).numpy()
     assert np.all(np.abs(gaps.log_likelihood - exact) < 4 * gaps.log_likelihood_se + 1e-3)
     assert np.all(gaps.amortization_gap > 0)
+
+
+# A mixture-prior VAE written the natural way: the component c is enumerated in the model, the guide has no
+# site for it. Linear-Gaussian given c, so log p(x) and the exact posterior (itself a mixture) are known.
+C, Z = 3, 2
+
+
+class MixtureVAE(PyroModule):
+    """c ~ Categorical(pi), z | c ~ N(mu_c, s_c^2 I), x | z ~ N(W z + b, psi I)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.logits = nn.Parameter(torch.tensor([0.3, -0.2, 0.0]))
+        self.mu = nn.Parameter(3 * torch.randn(C, Z, generator=g))
+        self.log_s = nn.Parameter(torch.tensor([0.0, -0.5, 0.3]))
+        self.w = nn.Parameter(torch.randn(D, Z, generator=g))
+        self.b = nn.Parameter(torch.randn(D, generator=g))
+        self.psi = 0.3
+
+    def forward(self, x=None, *, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        with pyro.plate("data", n):
+            c = pyro.sample("c", dist.Categorical(logits=self.logits), infer={"enumerate": "parallel"})
+            z = pyro.sample("z", dist.Normal(self.mu[c], self.log_s.exp()[c][..., None]).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.w.T + self.b, math.sqrt(self.psi)).to_event(1), obs=x)
+
+    @torch.no_grad()
+    def components(self):
+        """Per component c: the marginal p(x | c) and the posterior p(z | x, c) = N(A_c x + a_c, S_c)."""
+        s2 = (2 * self.log_s).exp()
+        cov_x = s2[:, None, None] * self.w @ self.w.T + self.psi * torch.eye(D)
+        marg = dist.MultivariateNormal(self.mu @ self.w.T + self.b, covariance_matrix=cov_x)
+        prec = torch.eye(Z) / s2[:, None, None] + self.w.T @ self.w / self.psi
+        cov_z = torch.linalg.inv(prec)
+        return marg, cov_z
+
+    @torch.no_grad()
+    def exact_log_likelihood(self, x):
+        marg, _ = self.components()
+        return torch.logsumexp(torch.log_softmax(self.logits, 0) + marg.log_prob(x[:, None]), -1)
+
+    @torch.no_grad()
+    def sample_data(self, n):
+        return pyro.poutine.trace(self).get_trace(batch_size=n).nodes["x"]["value"]
+
+
+class ExactMixtureGuide(nn.Module):
+    """q(z|x) = p(z|x) = sum_c p(c|x) N(z; m_c(x), S_c): one MixtureSameFamily site, no site for c."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = [model]  # not a submodule: the guide owns no parameters of the model
+
+    def forward(self, x, **kwargs):
+        m = self.model[0]
+        marg, cov_z = m.components()
+        s2 = (2 * m.log_s).exp()
+        with torch.no_grad():
+            mean = (cov_z @ (m.mu / s2[:, None] + ((x - m.b) @ m.w / m.psi)[:, None, :])[..., None])[..., 0]
+            post_c = torch.log_softmax(torch.log_softmax(m.logits, 0) + marg.log_prob(x[:, None]), -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MixtureSameFamily(dist.Categorical(logits=post_c),
+                                                    dist.MultivariateNormal(mean, covariance_matrix=cov_z)))
+
+
+class GaussianEncoder(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(D, 2 * Z)
+
+    def forward(self, x, **kwargs):
+        h = self.net(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(h[..., :Z], nn.functional.softplus(h[..., Z:]) + 0.05).to_event(1))
+
+
+class MomentGuide(ExactMixtureGuide):
+    """A diagonal Gaussian with the exact posterior's mean and 1.5 times its standard deviations."""
+
+    def forward(self, x, **kwargs):
+        with pyro.poutine.block(), torch.no_grad():
+            exact = pyro.poutine.trace(super().forward).get_trace(x).nodes["z"]["fn"]
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(exact.mean, 1.5 * exact.variance.sqrt()).to_event(1))
+
+
+def test_model_side_enumeration_is_summed_out_exactly_in_the_log_weights(float64):
+    """At the exact posterior (a mixture over c, as one guide site) every log-weight is log p(x), which holds
+    only if the weights sum c out exactly: log sum_c p(c) p(z|c) p(x|z) - log q(z|x)."""
+    from pyro_vae.analysis.evaluation import evaluate
+    from pyro_vae.data import ArrayDataset
+    from pyro_vae.estimators import EnumELBO
+    from pyro_vae.estimators._weights import log_weights
+
+    model = MixtureVAE()
+    torch.manual_seed(0)
+    x = model.sample_data(6)
+    exact = model.exact_log_likelihood(x)
+    guide = ExactMixtureGuide(model)
+    lw, _ = log_weights(model, guide, 5, x)
+    assert lw.shape == (5, 6)
+    assert torch.allclose(lw, exact.expand(5, 6), atol=1e-8)
+    result = evaluate(model, guide, ArrayDataset(x, binarize="none"), num_samples=50, quiet=True)
+    assert np.allclose(result.log_likelihood, exact.numpy(), atol=1e-8)
+    # enum-elbo's value is the same bound: -sum log p(x) at the exact posterior
+    assert torch.allclose(EnumELBO(num_particles=3)(model, guide, x), -exact.sum(), atol=1e-8)
+    # with another guide the weights give an ELBO below log p(x) and an IS estimate that closes the gap
+    with torch.no_grad():
+        lw, _ = log_weights(model, MomentGuide(model), 4000, x)
+    elbo, is_ll = lw.mean(0), torch.logsumexp(lw, 0) - math.log(4000)
+    se = (torch.softmax(lw, 0) ** 2).sum(0).sqrt()  # the delta method's sd(w) / (sqrt(S) mean w), about
+    assert torch.all(elbo < exact - 0.2) and torch.all((is_ll - exact).abs() < 4 * se + 0.01), (elbo - exact, is_ll - exact)
+
+
+def mixture_data(model, n=200):
+    from pyro_vae.data import ArrayDataset
+    torch.manual_seed(1)
+    return ArrayDataset(model.sample_data(n), binarize="none")
+
+
+def test_a_model_side_mixture_trains_with_enum_elbo_and_is_refused_by_the_others_naming_it():
+    from pyro_vae import TrainConfig, fit
+    from pyro_vae.errors import UserError
+    from pyro_vae.estimators import ESTIMATORS
+    from pyro_vae.estimators._weights import log_weights
+
+    data = mixture_data(MixtureVAE())
+    x = data.data[:50]
+    for name in sorted(set(ESTIMATORS) - {"enum-elbo"}):
+        model = MixtureVAE()
+        with pytest.raises(UserError, match=r"^" + name + r" cannot sum out the model's enumerated site\(s\) 'c'.*"
+                                            r"train with enum-elbo"):
+            fit(model, GaussianEncoder(), ESTIMATORS[name](), data, None,
+                TrainConfig(epochs=1, batch_size=50, device="cpu"), quiet=True)
+    model, guide = MixtureVAE(), GaussianEncoder()
+    with torch.no_grad():
+        model.mu.mul_(0.3)  # move the components from where the data came from: there is something to learn
+        before = log_weights(model, guide, 64, x)[0].mean(0)
+    fit(model, guide, ESTIMATORS["enum-elbo"](), data, None,
+        TrainConfig(epochs=8, batch_size=50, lr=0.02, device="cpu"), quiet=True)
+    with torch.no_grad():
+        after = log_weights(model, guide, 64, x)[0].mean(0)
+    gain = after - before
+    assert gain.mean() > 5 * gain.std() / math.sqrt(len(gain)) and gain.mean() > 1.0

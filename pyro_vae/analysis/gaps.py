@@ -93,9 +93,9 @@ def mixture_log_likelihood(a: _Draws, b: _Draws) -> tuple[torch.Tensor, torch.Te
     beta fitted by least squares over the draws. Each weight p/m is at most 2 p/q and 2 p/q*, so the
     mixture's tail is that of the better proposal at every z: one that misses posterior mass (a narrow
     encoder, a q* on one of two modes) cannot drag the estimate down as an estimate from it alone would.
-    The control variate makes the estimate exact when the posterior is q or q* (p/m is then linear in h),
-    and keeps its variance below that of either proposal alone with its S draws, so it is consistent
-    (beta's O(1/S) bias vanishes). Where the fitted correction would make p^ <= 0, the plain mixture
+    The control variate makes the estimate exact when the posterior is q or q* (p/m is then linear in h);
+    with the best beta its variance is at most that of IS with either proposal alone and its S draws
+    (Owen & Zhou, theorem 2). It is consistent: the fitted beta's bias is O(1/S). Where the fitted correction would make p^ <= 0, the plain mixture
     estimate is taken. Returns log p^(x) and its standard error (delta method over the residuals)."""
     log_y = torch.cat([a.log_mixture_weights, b.log_mixture_weights])
     h = torch.cat([a.control, b.control])
