@@ -375,3 +375,240 @@ def test_a_model_side_mixture_trains_with_enum_elbo_and_is_refused_by_the_others
         after = log_weights(model, guide, 64, x)[0].mean(0)
     gain = after - before
     assert gain.mean() > 5 * gain.std() / math.sqrt(len(gain)) and gain.mean() > 1.0
+
+
+# ---- user mistakes in the programs: one line naming the site, the program and what is expected ----
+
+class Decoder(PyroModule):
+    """z ~ N(0, I_4) per point, x ~ Bernoulli(decoder(z)), written with the usual mistakes as options."""
+
+    def __init__(self, to_event=True, dim=-1):
+        super().__init__()
+        self.to_event, self.dim = to_event, dim
+        self.net = nn.Linear(4, 6)
+
+    def forward(self, x=None, *, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        with pyro.plate("data", n, dim=self.dim):
+            prior = dist.Normal(torch.zeros(n, 4), 1.0)
+            z = pyro.sample("z", prior.to_event(1) if self.to_event else prior)
+            pyro.sample("x", dist.Bernoulli(logits=self.net(z)).to_event(1), obs=x)
+
+
+class Encoder(PyroModule):
+    def __init__(self, to_event=True, dim=-1, size=4, inside=True, family="normal"):
+        super().__init__()
+        self.to_event, self.dim, self.size, self.inside, self.family = to_event, dim, size, inside, family
+        self.net = nn.Linear(6, size)
+
+    def forward(self, x, **kwargs):
+        loc = self.net(x)
+        if not self.inside:
+            pyro.sample("z", dist.Normal(loc.mean(0), 1.0).to_event(1))
+            return
+        with pyro.plate("data", x.shape[0], dim=self.dim):
+            q = dist.Normal(loc, 1.0) if self.family == "normal" else dist.LogNormal(loc, 1.0)
+            pyro.sample("z", q.to_event(1) if self.to_event else q)
+
+
+class PositiveScale(PyroModule):
+    """z ~ N(0, I_4) and a positive scale s ~ Gamma per point, x ~ N(decoder(z), s)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 6)
+
+    def forward(self, x=None, *, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros(n, 4), 1.0).to_event(1))
+            s = pyro.sample("s", dist.Gamma(torch.full((n,), 2.0), 2.0))
+            pyro.sample("x", dist.Normal(self.net(z), s[..., None]).to_event(1), obs=x)
+
+
+class RealScaleGuide(Encoder):
+    def forward(self, x, **kwargs):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.net(x), 1.0).to_event(1))
+            pyro.sample("s", dist.Normal(torch.zeros(x.shape[0]), 1.0))  # a real-valued guide for a positive s
+
+
+MISTAKES = {
+    "guide without to_event": (Decoder(), Encoder(to_event=False),
+                               r"^Encoder's site 'z' has size 4 at dim -1, where pyro.plate\('data'\) has size 40.*"
+                               r"\.to_event\(1\)"),
+    "model without to_event": (Decoder(to_event=False), Encoder(),
+                               r"^Decoder's site 'z' has size 4 at dim -1.*\.to_event\(1\)"),
+    "data plate at dim -2": (Decoder(dim=-2), Encoder(dim=-2),
+                             r"^Decoder's site 'z' is in pyro.plate\('data'\) at dim -2; pyro-vae needs the data "
+                             r"plate at dim -1"),
+    "guide's plate at dim -2": (Decoder(), Encoder(dim=-2), r"^Encoder's site 'z' is in pyro.plate\('data'\) at dim -2"),
+    "latent of another size": (Decoder(), Encoder(size=3), r"^Encoder's site 'z' has shape \(3,\) per point, but "
+                                                           r"Decoder's has \(4,\)"),
+    "global guide site for a local latent": (Decoder(), Encoder(inside=False),
+                                             r"^Encoder samples 'z' outside every plate, but Decoder samples it in "
+                                             r"pyro.plate\('data'\) at dim -1"),
+    "real guide for a positive latent": (PositiveScale(), RealScaleGuide(),
+                                         r"^RealScaleGuide draws 's' outside the support of PositiveScale's Gamma"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(MISTAKES))
+@pytest.mark.parametrize("estimator", ["elbo", "iwae", "enum-elbo"])
+def test_program_mistakes_are_one_line_before_training(mistake, estimator):
+    from pyro_vae import TrainConfig, fit
+    from pyro_vae.data import ArrayDataset
+    from pyro_vae.errors import UserError
+    from pyro_vae.estimators import ESTIMATORS
+
+    model, guide, match = MISTAKES[mistake]
+    data = ArrayDataset(torch.bernoulli(torch.full((40, 6), 0.4)), binarize="none")
+    with pytest.raises(UserError, match=match) as info:
+        fit(model, guide, ESTIMATORS[estimator](), data, None, TrainConfig(epochs=1, batch_size=10, device="cpu"),
+            quiet=True)
+    message = str(info.value)
+    assert "\n" not in message and "_particles" not in message and "dim=-3" not in message
+
+
+# ---- what the estimators owe the user: refusals that name what fits, warnings said once ----
+
+class BinaryNet(PyroModule):
+    """A sigmoid belief net: h ~ Bernoulli(0.5)^3 per point, x ~ Bernoulli(decoder(h))."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(3, 6)
+
+    def forward(self, x=None, *, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        with pyro.plate("data", n):
+            h = pyro.sample("h", dist.Bernoulli(torch.full((n, 3), 0.5)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.net(h)).to_event(1), obs=x)
+
+
+class BinaryGuide(PyroModule):
+    def __init__(self, baseline=False):
+        super().__init__()
+        self.net = nn.Linear(6, 3)
+        self.infer = {"baseline": {"use_decaying_avg_baseline": True}} if baseline else {}
+
+    def forward(self, x, **kwargs):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("h", dist.Bernoulli(logits=self.net(x)).to_event(1), infer=self.infer)
+
+
+class OneBit(PyroModule):
+    """b ~ Bernoulli(0.3) per point (a scalar site Pyro can enumerate), x ~ Bernoulli(decoder(b))."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(1, 6)
+
+    def forward(self, x=None, *, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        with pyro.plate("data", n):
+            b = pyro.sample("b", dist.Bernoulli(torch.full((n,), 0.3)))
+            pyro.sample("x", dist.Bernoulli(logits=self.net(b[..., None])).to_event(1), obs=x)
+
+
+class OneBitGuide(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(6, 1)
+
+    def forward(self, x, **kwargs):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("b", dist.Bernoulli(logits=self.net(x)[..., 0]))
+
+
+NOT_REPARAMETERIZED = ["analytic-kl", "iwae", "dreg", "stl", "renyi"]
+
+
+@pytest.mark.parametrize("name", NOT_REPARAMETERIZED)
+def test_discrete_guides_are_refused_with_the_estimators_that_fit(name):
+    from pyro_vae.errors import UserError
+    from pyro_vae.estimators import ESTIMATORS
+
+    x = torch.bernoulli(torch.full((5, 6), 0.4))
+    with pytest.raises(UserError, match=rf"^{name} needs reparameterizable guide sites, but 'h' \(Bernoulli\) cannot "
+                                        r"be reparameterized; use elbo \(score-function gradients\)$"):
+        ESTIMATORS[name]()(BinaryNet(), BinaryGuide(), x)
+    # a scalar discrete site can be enumerated: then enum-elbo fits too, and the message says how
+    with pytest.raises(UserError, match=r"'b' \(Bernoulli\).*use enum-elbo \(mark the site "
+                                        r"infer=\{'enumerate': 'parallel'\}.*\) or elbo"):
+        ESTIMATORS[name]()(OneBit(), OneBitGuide(), x)
+
+
+@pytest.mark.parametrize("name", ["elbo", "enum-elbo"])
+def test_an_ignored_baseline_is_said_once_naming_the_site(name):
+    from pyro_vae.estimators import ESTIMATORS
+    from pyro_vae.estimators._checks import PyroVaeWarning
+
+    x = torch.bernoulli(torch.full((5, 6), 0.4))
+    model, guide, est = BinaryNet(), BinaryGuide(baseline=True), ESTIMATORS[name]()
+    with pytest.warns(PyroVaeWarning, match=rf"^{name} ignores the baseline asked for at guide site 'h'"):
+        est(model, guide, x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est(model, guide, x)  # once
+        est(BinaryNet(), BinaryGuide(), x)  # and not for a guide without one
+
+
+class GammaFactors(PyroModule):
+    """A Gamma-Poisson factor model: z ~ Gamma(2, 2)^3 per point, x ~ Poisson(z @ softplus(W))."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(0.3 * torch.randn(3, 6))
+
+    def forward(self, x=None, *, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Gamma(torch.full((n, 3), 2.0), 2.0).to_event(1))
+            pyro.sample("x", dist.Poisson(z @ nn.functional.softplus(self.w)).to_event(1), obs=x)
+
+
+class LogNormalFactors(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(6, 6)
+
+    def forward(self, x, **kwargs):
+        h = self.net(x.log1p())
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.LogNormal(h[..., :3], nn.functional.softplus(h[..., 3:]) + 0.1).to_event(1))
+
+
+def test_analytic_kl_says_once_where_it_has_no_closed_form():
+    import warnings
+
+    from pyro_vae.estimators import ELBO, AnalyticKL
+    from pyro_vae.estimators._checks import PyroVaeWarning
+
+    x = torch.poisson(torch.full((8, 6), 2.0))
+    model, guide = GammaFactors(), LogNormalFactors()
+    with pytest.warns(PyroVaeWarning, match=r"^analytic-kl has no closed-form KL\(LogNormal \|\| Gamma\) at site 'z'; "
+                                            r"that site's KL is estimated by Monte Carlo, as in elbo$"):
+        AnalyticKL()(model, guide, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AnalyticKL()(model, guide, x)  # once per guide and site
+        torch.manual_seed(3)
+        a = AnalyticKL()(model, guide, x)
+        torch.manual_seed(3)
+        assert torch.allclose(a, ELBO()(model, guide, x), rtol=1e-6)  # it is the elbo there, draw for draw
+        # a pair with a closed form says nothing
+        AnalyticKL()(Decoder(), Encoder(), torch.bernoulli(torch.full((5, 6), 0.4)))
+
+
+def test_pyro_guessing_its_plate_nesting_prints_nothing(capsys, caplog):
+    import logging
+
+    from pyro_vae.estimators import EnumELBO
+
+    x = torch.bernoulli(torch.full((5, 6), 0.4))
+    with caplog.at_level(logging.INFO, logger="pyro"):
+        EnumELBO()(Decoder(), Encoder(), x)
+    assert "Guessed max_plate_nesting" not in caplog.text + "".join(capsys.readouterr())
+    assert not logging.getLogger("pyro.infer.elbo").filters  # the filter is ours only while we call Pyro
