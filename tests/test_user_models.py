@@ -612,3 +612,77 @@ def test_pyro_guessing_its_plate_nesting_prints_nothing(capsys, caplog):
         EnumELBO()(Decoder(), Encoder(), x)
     assert "Guessed max_plate_nesting" not in caplog.text + "".join(capsys.readouterr())
     assert not logging.getLogger("pyro.infer.elbo").filters  # the filter is ours only while we call Pyro
+
+
+class NarrowPrior(PyroModule):
+    """z ~ N(0, 0.05^2 I_2), x ~ N(W z, 0.01 I_3), W's second column 0: z_2 never reaches x."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.tensor([[11.1, 0.0], [0.0, 0.0], [0.0, 0.0]])
+
+    def forward(self, x=None, *, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros(n, 2), 0.05).to_event(1))
+            pyro.sample("x", dist.Normal(z @ self.w.T, 0.1).to_event(1), obs=x)
+
+    def posterior(self):
+        cov = torch.linalg.inv(torch.eye(2) / 0.05 ** 2 + self.w.T @ self.w / 0.01)
+        return cov @ self.w.T / 0.01, cov.diagonal().sqrt()
+
+
+class NarrowPriorPosterior(PyroModule):
+    def __init__(self, model):
+        super().__init__()
+        self.a, self.sd = model.posterior()
+
+    def forward(self, x, **kwargs):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ self.a.T, self.sd).to_event(1))
+
+
+def test_active_units_are_judged_against_the_prior_variance():
+    """Under a N(0, 0.05^2) prior a unit that carries 1.7 nats about x moves its posterior mean by far less
+    than Burda et al.'s 0.01 (stated for N(0, 1)): judged against the prior's variance, it is active, and the
+    unit that never reaches x is not."""
+    from pyro_vae.analysis.latent_stats import ACTIVE_THRESHOLD, active_units, latent_health
+    from pyro_vae.data import ArrayDataset
+
+    model = NarrowPrior()
+    guide = NarrowPriorPosterior(model)
+    torch.manual_seed(0)
+    data = ArrayDataset(pyro.poutine.trace(model).get_trace(batch_size=3000).nodes["x"]["value"], binarize="none")
+    health = latent_health(model, guide, data)
+    assert np.allclose(health.prior_variance["z"], 0.05 ** 2, rtol=1e-6)
+    kl, act = health.kl["z"], health.activity["z"]
+    assert kl[0] > 1.6 and act[0] < ACTIVE_THRESHOLD  # informative, yet below the unscaled threshold
+    assert abs(act[0] / 0.05 ** 2 - (1 - (guide.sd[0] / 0.05) ** 2)) < 0.1
+    assert act[1] < 1e-12 and abs(kl[1]) < 1e-6
+    assert health.active == 1 and [r["active"] for r in health.rows()] == [True, False]
+    assert active_units(guide, data, model=model)[0] == 1
+    assert active_units(guide, data)[0] == 0  # without the model: Burda's N(0, 1) rule, as documented
+
+
+def test_kl_to_a_mixture_prior_sums_the_component_out():
+    """mean_kl and kl_per_dim against log p(z) = log sum_c pi_c N(z; mu_c, s_c^2 I), computed by hand."""
+    from pyro_vae.analysis.latent_stats import kl_per_dim, mean_kl
+    from pyro_vae.data import ArrayDataset
+
+    model = MixtureVAE()
+    torch.manual_seed(0)
+    x = model.sample_data(30).detach()
+    data = ArrayDataset(x, binarize="none")
+    guide = MomentGuide(model)
+    q = pyro.poutine.trace(guide).get_trace(x).nodes["z"]["fn"]
+    z = q.sample((20000,))
+    log_pi, s = torch.log_softmax(model.logits, 0).detach(), model.log_s.exp().detach()
+    comps = dist.Normal(model.mu.detach(), s[:, None])  # (C, Z)
+    log_p = torch.logsumexp(log_pi + comps.log_prob(z[..., None, :]).sum(-1), -1)
+    expected = (q.log_prob(z) - log_p).mean().item()
+    assert abs(mean_kl(model, guide, data, num_samples=2000) - expected) < 0.05
+    # per coordinate: the prior's marginal of z_d is the mixture of the components' coordinates
+    log_pd = torch.logsumexp(log_pi[:, None] + comps.log_prob(z[..., None, :]), -2)  # (S, N, Z)
+    expected_d = (q.base_dist.log_prob(z) - log_pd).mean((0, 1)).numpy()
+    got = kl_per_dim(model, guide, data, num_samples=2000)["z"]
+    assert np.allclose(got, expected_d, atol=0.05), (got, expected_d)

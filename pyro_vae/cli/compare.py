@@ -77,7 +77,7 @@ def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], ou
             "test_elbo": summary["elbo"], "test_elbo_se": summary["elbo_se"],
             "nll": summary["nll"], "nll_se": summary["log_likelihood_se"],
             "kl": mean_kl(model, guide, test, device=device),
-            "active_units": active_units(guide, test, device=device)[0],
+            "active_units": active_units(guide, test, device=device, model=model)[0],
             "seconds_per_epoch": sum(r["seconds"] for r in history.rows) / len(history.rows),
             "images_per_s": sum(r["images_per_s"] for r in history.rows) / len(history.rows),
             "encoder_snr": snr["encoder"], "decoder_snr": snr["decoder"],

@@ -21,14 +21,21 @@ from pyro.ops.packed import pack, unpack
 from pyro.poutine.util import site_is_subsample
 
 
+def enumerated_trace(vectorized_model, values: poutine.Trace, nesting: int, args: tuple,
+                     kwargs: dict) -> poutine.Trace:
+    """The model's trace on the guide's draws ``values``, each enumerated site holding all its values in a
+    dim of its own left of the particle plate (at -nesting-2 and further left)."""
+    # enum inside replay, as in TraceEnum_ELBO: enum must see every site before replay marks it done
+    enum = poutine.replay(poutine.enum(vectorized_model, first_available_dim=-nesting - 2), trace=values)
+    return poutine.trace(enum).get_trace(*args, **kwargs)
+
+
 def summed_log_density(vectorized_model, values: poutine.Trace, nesting: int, args: tuple, kwargs: dict, *,
                        observed: bool = True) -> torch.Tensor:
     """log sum over enumerated sites of p(x, z, c), shape (k, B), for ``vectorized_model`` (the model in a
     particle plate at dim -nesting-1) replayed on ``values`` (the guide's draws). With ``observed=False``
     only the latent sites enter: log p(z) = log sum_c p(z, c). Scales are not applied, masks are."""
-    # enum inside replay, as in TraceEnum_ELBO: enum must see every site before replay marks it done
-    enum = poutine.replay(poutine.enum(vectorized_model, first_available_dim=-nesting - 2), trace=values)
-    tr = poutine.trace(enum).get_trace(*args, **kwargs)
+    tr = enumerated_trace(vectorized_model, values, nesting, args, kwargs)
     tr.symbolize_dims()
     frames = {f.name: f for s in tr.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"]}
     target = frozenset(tr.plate_to_symbol[n] for n, f in frames.items()

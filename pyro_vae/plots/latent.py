@@ -201,7 +201,7 @@ def kl_plot(health: LatentHealth, path: Path) -> Path:
     ax.set_xlabel("latent unit (" + ", ".join(dict.fromkeys(r["site"] for r in rows)) + ")")
     ax.set_ylabel("KL to the prior (nats)")
     ax.set_title(f"KL per latent unit: {health.active} of {health.total} units active "
-                 f"(Cov_x E_q[z_d|x] > {health.threshold})", fontsize=9)
+                 f"(Cov_x E_q[z_d|x] > {health.threshold} Var_p(z_d))", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _save(fig, path)
