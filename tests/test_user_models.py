@@ -3,12 +3,15 @@ answer: the inference gaps, model-side enumeration, the pairing check, the estim
 warnings they owe the user.
 """
 import math
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import prototype_images  # noqa: F401  (the fake_dataset fixture lives there)
 from pyro.nn import PyroModule
 from torch import nn
 
@@ -686,3 +689,103 @@ def test_kl_to_a_mixture_prior_sums_the_component_out():
     expected_d = (q.base_dist.log_prob(z) - log_pd).mean((0, 1)).numpy()
     got = kl_per_dim(model, guide, data, num_samples=2000)["z"]
     assert np.allclose(got, expected_d, atol=0.05), (got, expected_d)
+
+
+# ---- the command line: a run that would fail is refused before its folder or a training step ----
+
+@dataclass(frozen=True)
+class GlobalConfig:
+    x_dim: int = 64
+
+
+class GlobalOffset(PyroModule):
+    """A global offset g ~ N(0, 1) shared by all points, z ~ N(0, I_2) per point, x ~ Bernoulli(dec(z) + g)."""
+
+    Config = GlobalConfig
+
+    def __init__(self, config=GlobalConfig()):
+        super().__init__()
+        self.net = nn.Linear(2, config.x_dim)
+
+    def forward(self, x=None, *, batch_size=None):
+        n = x.shape[0] if x is not None else batch_size
+        g = pyro.sample("g", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(torch.zeros(n, 2), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.net(z) + g[..., None, None]).to_event(1), obs=x)
+
+
+class GlobalOffsetGuide(PyroModule):
+    Config = GlobalConfig
+
+    def __init__(self, config=GlobalConfig()):
+        super().__init__()
+        self.net = nn.Linear(config.x_dim, 2)
+        self.offset = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x, **kwargs):
+        pyro.sample("g", dist.Normal(self.offset[0], nn.functional.softplus(self.offset[1])))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(self.net(x), 1.0).to_event(1))
+
+
+TINY = ["--dataset", "fake", "--latent-dim", "2", "--hidden", "16", "--batch-size", "50", "--epochs", "1",
+        "--eval-samples", "20", "--eval-points", "40", "--quiet"]
+
+
+def refused(capsys, argv, match):
+    from pyro_vae.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(match, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "m2", "--guide", "diagonal-normal"],
+     r"the IS evaluation scores log p\(x\) with labels unobserved, so y is a latent the guide must sample: "
+     r"DiagonalNormalGuide does not fit M2: the guide has no site for the model's latent\(s\) y"),
+    (["--model", "global-offset", "--guide", "global-offset"],
+     r"importance weights need every latent inside the data plate at dim -1; 'g' is global"),
+    (["--model", "m2", "--guide", "m2", "--labeled", "100", "--estimator", "iwae"],
+     r"^pyro-vae: error: iwae needs reparameterizable guide sites, but 'y' \(Categorical\).*enum-elbo"),
+])
+def test_a_run_that_would_fail_is_refused_before_training_and_leaves_no_folder(fake_dataset, monkeypatch, capsys,
+                                                                               tmp_path, argv, match):
+    from pyro_vae.guides import GUIDES
+    from pyro_vae.models import MODELS
+
+    monkeypatch.setitem(MODELS, "global-offset", GlobalOffset)
+    monkeypatch.setitem(GUIDES, "global-offset", GlobalOffsetGuide)
+    import pyro_vae.cli.experiment as experiment
+    monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("training started"))
+    refused(capsys, ["train", *TINY, *argv, "--out", tmp_path / "run"], match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_compare_checks_every_estimator_before_the_first_trains(fake_dataset, monkeypatch, capsys, tmp_path):
+    import pyro_vae.cli.experiment as experiment
+    monkeypatch.setattr(experiment, "fit", lambda *a, **k: pytest.fail("training started"))
+    refused(capsys, ["compare", "--estimators", "enum-elbo,iwae:k=5", *TINY, "--model", "m2", "--guide", "m2",
+                     "--labeled", "100",
+                     "--out", tmp_path / "cmp"], r"iwae needs reparameterizable guide sites")
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_a_run_refused_by_fit_before_its_first_checkpoint_leaves_no_folder(fake_dataset, monkeypatch, capsys,
+                                                                          tmp_path):
+    import pyro_vae.cli.experiment as experiment
+    from pyro_vae.errors import UserError
+
+    def refuse(*args, **kwargs):
+        raise UserError("refused by fit")
+
+    monkeypatch.setattr(experiment, "fit", refuse)
+    refused(capsys, ["train", *TINY, "--out", tmp_path / "run"], "refused by fit")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made is kept, and what is in it
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    refused(capsys, ["train", *TINY, "--out", tmp_path / "mine" / "run"], "refused by fit")
+    assert (tmp_path / "mine" / "notes.txt").exists() and not (tmp_path / "mine" / "run").exists()

@@ -51,8 +51,11 @@ def parse_estimators(text: str) -> list[tuple[str, str, dict[str, Any]]]:
 
 def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], out: Path, *,
             eval_samples: int, eval_points: int | None, snr_repeats: int = 50, quiet: bool = False) -> list[dict]:
-    from pyro_vae.cli.experiment import train_run_objects
+    from pyro_vae.cli.experiment import check_spec, train_run_objects
 
+    specs = [dataclasses.replace(base, estimator=name, estimator_options=options) for _, name, options in estimators]
+    for spec in specs:  # every run's needs, before the first one trains or a folder is made
+        check_spec(spec, eval_points=eval_points)
     RunDir(out).create(fresh=False)
     rows = []
     for label, name, options in estimators:

@@ -11,6 +11,7 @@ stop_guide_params=True)`` builds exactly that (see ``_stopped_guide_log_prob``).
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from weakref import WeakKeyDictionary
@@ -56,10 +57,29 @@ def particle_traces(model, guide, k: int, *args, **kwargs) -> tuple[poutine.Trac
 
 def _traces(model, guide, k: int, args: tuple, kwargs: dict, separate: bool) -> tuple[poutine.Trace, poutine.Trace]:
     dim = -plate_nesting(model, *args, **kwargs) - 1
-    guide_tr = poutine.trace(_vectorized(guide, k, dim)).get_trace(*args, **kwargs)
+    with _vectorization_errors(guide, k):
+        guide_tr = poutine.trace(_vectorized(guide, k, dim)).get_trace(*args, **kwargs)
     values_tr = _values_trace(guide_tr, separate)
-    model_tr = poutine.trace(poutine.replay(_vectorized(model, k, dim), trace=values_tr)).get_trace(*args, **kwargs)
+    with _vectorization_errors(model, k):
+        model_tr = poutine.trace(poutine.replay(_vectorized(model, k, dim), trace=values_tr)).get_trace(*args, **kwargs)
     return model_tr, guide_tr
+
+
+@contextlib.contextmanager
+def _vectorization_errors(program, k: int):
+    """A program that runs on a batch but not with particles in a plate left of its plates (it reshapes or
+    indexes from the left, ``z.view(B, -1)``, ``z[:, 0]``): one line saying so, not Pyro's trace table with
+    its internal plate."""
+    try:
+        yield
+    except (UserError, torch.OutOfMemoryError):
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace("_particles", "particle plate")
+        name = getattr(program, "__name__", None) or type(program).__name__
+        raise UserError(f"{name} fails when run with {k} draws per data point in a plate left of its own plates "
+                        f"({first}): write it to broadcast over leading batch dims (index and reshape from the "
+                        "right: z[..., 0], z.reshape(*z.shape[:-1], 2, 2))") from e
 
 
 def _site_log_prob(site: dict, nesting: int, stop_params: bool) -> torch.Tensor:
