@@ -790,3 +790,23 @@ def test_a_run_refused_by_fit_before_its_first_checkpoint_leaves_no_folder(fake_
     (tmp_path / "mine" / "notes.txt").write_text("x")
     refused(capsys, ["train", *TINY, "--out", tmp_path / "mine" / "run"], "refused by fit")
     assert (tmp_path / "mine" / "notes.txt").exists() and not (tmp_path / "mine" / "run").exists()
+
+
+@pytest.mark.parametrize("alpha,match", [("1", r"renyi at alpha 1 is the ELBO"),
+                                         ("-0.5", r"renyi at alpha -0.5 < 0 is no lower bound"),
+                                         ("0.5", None)])
+def test_renyi_alpha_caveats_are_said_at_the_command_line(fake_dataset, monkeypatch, capsys, tmp_path, alpha, match):
+    import pyro_vae.cli.experiment as experiment
+    from pyro_vae.cli import main
+    from pyro_vae.errors import UserError
+
+    def stop(*args, **kwargs):
+        raise UserError("stopped before training")
+
+    monkeypatch.setattr(experiment, "fit", stop)
+    main(["train", *TINY, "--estimator", "renyi", "--alpha", alpha, "--out", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    notes = [line for line in lines if line.startswith("pyro-vae: note: ")]
+    assert len(notes) == (match is not None) and lines[-1].endswith("stopped before training")
+    if match:
+        assert re.search(match, notes[0])
