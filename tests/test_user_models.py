@@ -810,3 +810,25 @@ def test_renyi_alpha_caveats_are_said_at_the_command_line(fake_dataset, monkeypa
     assert len(notes) == (match is not None) and lines[-1].endswith("stopped before training")
     if match:
         assert re.search(match, notes[0])
+
+
+def test_diagnose_a_mixture_prior_model_into_a_folder_given_as_a_str(tmp_path):
+    """The whole diagnosis of a user's mixture-prior VAE (c summed out everywhere), written where a notebook's
+    str path says."""
+    import json
+
+    from pyro_vae.cli.diagnose import diagnose
+
+    model, guide = MixtureVAE(), MomentGuide(MixtureVAE())
+    guide.model = [model]
+    data = mixture_data(model, 60)
+    d = diagnose(model, guide, data, str(tmp_path / "diag"), points=10, samples=200, gap_points=5, gap_steps=50,
+                 quiet=True, write_plots=False)
+    summary = json.loads((tmp_path / "diag" / "summary.json").read_text())
+    assert summary["gaps"]["num_points"] == 5 and "skipped" not in summary["gaps"]
+    exact = model.exact_log_likelihood(data.data[:10]).numpy()
+    # the importance estimates of log p(x), c summed out: within a few standard errors of the exact ones
+    ll = d.importance.log_likelihood
+    se = np.sqrt(np.maximum(1 / d.importance.ess - 1 / d.importance.num_samples, 0))
+    assert np.all(np.abs(ll - exact) < 4 * se + 0.05), (ll - exact, se)
+    assert np.all(np.abs(d.gaps.log_likelihood - exact[:5]) < 4 * d.gaps.log_likelihood_se + 0.05)
