@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from pyro_vae.data.arrays import ArrayDataset
 from pyro_vae.errors import UserError
+from pyro_vae.estimators import _weights
 from pyro_vae.estimators._weights import log_weights
 from pyro_vae.programs.labels import check_labels, eval_kwargs, label_use
 from pyro_vae.programs.sites import _trace, check_pairing
@@ -67,8 +68,9 @@ def check_evaluable(model, guide, x: torch.Tensor, y: torch.Tensor | None = None
         how = ("labels unobserved, so y is a latent the guide must sample" if label_use(model) == "optional"
                else "the data as given")
         raise UserError(f"the IS evaluation scores log p(x) with {how}: {e}") from None
-    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=[]):
-        log_weights(model, guide, 2, x, **kw)
+    cuda = [x.device] if x.device.type == "cuda" else []
+    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=cuda):
+        _weights.log_weights(model, guide, 2, x, **kw)  # by module: not counted as the evaluation's own draws
 
 
 @torch.no_grad()

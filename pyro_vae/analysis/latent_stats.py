@@ -189,7 +189,8 @@ def prior_variance(model, data: ArrayDataset, num_draws: int = 4000, batch_size:
     x, y = next(_batches(data, min(batch_size, len(data)), device))
     k = max(2, num_draws // x.shape[0])
     kw = eval_kwargs(model, y)
-    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=[]):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
         tr = _trace(_vectorized(model, k, -plate_nesting(model, x, **kw) - 1), x, **kw)
     out = {}

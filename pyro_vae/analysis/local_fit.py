@@ -98,7 +98,8 @@ def _check_fixed_support(model, x: torch.Tensor, name: str, support, kwargs: dic
     bounds = _bounds(support)
     if not bounds:
         return
-    with torch.random.fork_rng(devices=[]):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(torch.initial_seed() + 1)
         other = _bounds(_trace(model, x, **kwargs).nodes[name]["fn"].support)
     if any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(bounds, other)):
