@@ -92,7 +92,9 @@ def marginals_plot(diag: ImportanceDiagnostics, prior: dict[str, np.ndarray], un
         ax.hist(z, bins=bins, density=True, histtype="step", color="C0", lw=1.5, label="q(z|x)")
         ax.hist(z, bins=bins, weights=weights, density=True, histtype="step", color="C3", lw=1.5,
                 label="q reweighted (PSIS) ~ p(z|x)")
-        if gaps is not None and point < len(gaps.points) and site in gaps.local_loc:
+        # q* of a constrained site is Gaussian in its unconstrained space, not in z: no such curve for it
+        if (gaps is not None and point < len(gaps.points) and site in gaps.local_loc
+                and site not in gaps.local_transformed):
             loc = gaps.local_loc[site].reshape(len(gaps.points), -1)[point, i]
             scale = gaps.local_scale[site].reshape(len(gaps.points), -1)[point, i]
             grid = np.linspace(lo, hi, 400)
@@ -199,7 +201,7 @@ def kl_plot(health: LatentHealth, path: Path) -> Path:
     ax.set_xlabel("latent unit (" + ", ".join(dict.fromkeys(r["site"] for r in rows)) + ")")
     ax.set_ylabel("KL to the prior (nats)")
     ax.set_title(f"KL per latent unit: {health.active} of {health.total} units active "
-                 f"(Cov_x E_q[z_d|x] > {health.threshold})", fontsize=9)
+                 f"(Cov_x E_q[z_d|x] > {health.threshold} Var_p(z_d))", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _save(fig, path)
