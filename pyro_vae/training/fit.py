@@ -65,7 +65,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
     clip = {"clip_args": {"clip_norm": config.clip_norm}} if config.clip_norm else {}
     # the fast path (SharedAdam + a replayed loss) makes the same updates as SVI + pyro.optim.Adam
     optim = SharedAdam({"lr": config.lr}, **clip) if config.replay else pyro.optim.Adam({"lr": config.lr}, **clip)
-    run = Run(model, guide, optim, config, world, run_dir, run_config or {})
+    run = Run(model, guide, optim, config, world, run_dir, run_config or {}, device)
     with pyro.get_param_store().scope(), SigintFlag(hard_stop=not world.active) as sigint:
         pyro.set_rng_seed(config.seed + world.rank)  # a stream of model draws per rank
         run.data_gen.manual_seed(config.seed)  # one data order and binarization, the same on every rank
@@ -188,10 +188,10 @@ def _end_epoch(run: Run, svi: SVI, test_data: ArrayDataset | None, device: torch
            "images_per_s": pos.seen / pos.seconds}
     if test_data is not None:
         # a fixed seed keeps the test bound comparable across epochs and untouched by training RNG
-        state = rng_state()
+        state = rng_state(device)
         pyro.set_rng_seed(config.seed + 1)
         row["test_elbo"] = test_bound(svi, test_data, max(config.batch_size, 500), device, config.seed, run.world)
-        set_rng_state(state)
+        set_rng_state(state, device)
     run.history.append(row)
     run.pos = Position(pos.epoch, 0, pos.step)
     return row

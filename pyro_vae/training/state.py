@@ -48,6 +48,7 @@ class Run:
     world: dist.World
     run_dir: RunDir | None
     run_config: dict[str, Any]
+    device: torch.device = torch.device("cpu")  # whose CUDA random stream is saved with the others
     data_gen: torch.Generator = field(default_factory=torch.Generator)
     history: list[dict[str, Any]] = field(default_factory=list)
     pos: Position = field(default_factory=Position)
@@ -66,7 +67,7 @@ def save(run: Run) -> None:
     if not _all_finite(run.model, run.guide):  # every rank holds the same parameters, so all stop together
         raise TrainingDiverged(f"parameters became non-finite at epoch {run.pos.epoch}, step {run.pos.step}; "
                                f"stopped, the last good checkpoint in {run.run_dir.path} is kept")
-    rank_rngs = dist.gather_objects(run.world, rng_state()) if run.world.active else None
+    rank_rngs = dist.gather_objects(run.world, rng_state(run.device)) if run.world.active else None
     failed = None
     if run.world.main:
         try:
@@ -82,7 +83,7 @@ def _write(run: Run, rank_rngs: list | None) -> None:
     save_checkpoint(run.run_dir.path, {
         "model": run.model.state_dict(), "guide": run.guide.state_dict(), "optimizer": run.optim.get_state(),
         "epoch": pos.epoch, "batch": pos.batch, "step": pos.step, "partial": [pos.total, pos.seen, pos.seconds],
-        "epoch_rng": pos.epoch_rng, "rng": rng_state(), "data_rng": run.data_gen.get_state(),
+        "epoch_rng": pos.epoch_rng, "rng": rng_state(run.device), "data_rng": run.data_gen.get_state(),
         "metrics": run.history, "config": run.run_config, "world_size": run.world.size,
         "fast_path": run.fast_path, **({"rank_rng": rank_rngs} if run.world.active else {})})
     run.run_dir.write_metrics(run.history)
@@ -120,9 +121,9 @@ def restore(run: Run) -> None:
         run.data_gen.set_state(ckpt["data_rng"])
     rngs, rank = ckpt.get("rank_rng"), run.world.rank
     if rngs and rank < len(rngs):
-        set_rng_state(rngs[rank])
+        set_rng_state(rngs[rank], run.device)
     elif rank == 0:
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], run.device)
     else:  # more ranks than the checkpoint has streams for: a new stream of its own
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], run.device)
         pyro.set_rng_seed(int(np.random.SeedSequence([run.config.seed, rank, run.pos.step]).generate_state(1)[0]))
