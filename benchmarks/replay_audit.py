@@ -33,6 +33,7 @@ import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI
+from torch.utils import _pytree as pytree
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_pytorch import PlainVAE, load_from_project  # noqa: E402
@@ -43,6 +44,7 @@ from pyro_vae.guides.diagonal_normal import DiagonalNormalGuide  # noqa: E402
 from pyro_vae.models.bernoulli_vae import BernoulliVAE  # noqa: E402
 from pyro_vae.training.optim import SharedAdam  # noqa: E402
 from pyro_vae.training.replay import Replayed  # noqa: E402
+from pyro_vae.training.replay_key import signature  # noqa: E402
 from pyro_vae.training.replay_svi import DEFAULT_AUDIT, ReplaySVI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
@@ -87,6 +89,18 @@ class Contender:
                 self.svi.step(batches[i % len(batches)])
 
 
+def _signature_seconds(c: Contender, x: torch.Tensor, n: int = 2000) -> float:
+    """What computing (and hashing) the signature of one step costs, median of 5 blocks."""
+    leaves, spec = pytree.tree_flatten(((x,), {}))
+    blocks = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            hash(signature(c.model, c.guide, c.svi.loss.estimator, leaves, spec, []))
+        blocks.append((time.perf_counter() - t) / n)
+    return statistics.median(blocks)
+
+
 def audits_in(steps: int) -> int:
     return sum(DEFAULT_AUDIT.due(n) for n in range(1, steps + 1))
 
@@ -116,6 +130,7 @@ def main() -> int:
     same = all(torch.equal(x, y) for x, y in zip(
         [*contenders[1].model.state_dict().values(), *contenders[1].guide.state_dict().values()],
         [*contenders[2].model.state_dict().values(), *contenders[2].guide.state_dict().values()]))
+    signature_s = _signature_seconds(contenders[2], batches[0])
     total = {k: sum(v) * a.chunk for k, v in times.items()}
     step = {k: statistics.median(v) for k, v in times.items()}
     per_audit = on.audit_seconds / max(audits_in(a.steps), 1)
@@ -134,6 +149,7 @@ def main() -> int:
         "default_run_audits": audits_in(default_steps),
         "default_run_audit_share": audits_in(default_steps) * per_audit / (default_steps * step["project, audit off"]),
         "audit_on_equals_off_bitwise": same,
+        "signature_seconds": signature_s, "signature_in_replayed_steps": signature_s / step["project, audit off"],
         "validation_checks_cost": step["project, audit off"] / step["project, audit off, validation off"] - 1,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +168,8 @@ def main() -> int:
         f"{same}.",
         f"- the default run (80 epochs, batch 100, {default_steps} steps) has {result['default_run_audits']} audits: "
         f"**{100 * result['default_run_audit_share']:.2f}%** of its training time at this cost per audit.",
+        f"- the signature of a step (computed on every step): {1e6 * signature_s:.1f} us = "
+        f"{100 * result['signature_in_replayed_steps']:.2f}% of a replayed step.",
         f"- keeping Pyro's validation in the graph (support, argument and NaN checks) costs "
         f"{100 * result['validation_checks_cost']:+.1f}% per step (audit off, validation on against off).",
     ]
