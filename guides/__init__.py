@@ -5,6 +5,7 @@ Importable only as ``pyro_vae.guides`` (see models/__init__.py for why).
 if __name__ != "pyro_vae.guides":  # pragma: no cover
     raise ImportError("import this package as pyro_vae.guides, not as guides")
 
+from .bernoulli import BernoulliGuide
 from .conditional import ConditionalGuide
 from .conv import ConvGuide
 from .diagonal_normal import DiagonalNormalGuide
@@ -23,6 +24,7 @@ GUIDES = {
     "linear-gaussian": LinearGaussianGuide,
     "conv": ConvGuide,
     "two-layer": TwoLayerGuide,
+    "bernoulli": BernoulliGuide,
 }
 
-__all__ = ["ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "TwoLayerGuide"]
+__all__ = ["BernoulliGuide", "ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "TwoLayerGuide"]

@@ -11,6 +11,7 @@ stop_guide_params=True)`` builds exactly that (see ``_stopped_guide_log_prob``).
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from weakref import WeakKeyDictionary
@@ -52,9 +53,20 @@ def particle_traces(model, guide, k: int, *args, **kwargs) -> tuple[poutine.Trac
     return _traces(model, guide, k, args, kwargs, separate=False)
 
 
-def _traces(model, guide, k: int, args: tuple, kwargs: dict, separate: bool) -> tuple[poutine.Trace, poutine.Trace]:
+class _FixedDraws(Messenger):
+    """Each latent draw is detached as it is drawn, before any trace records it or the program reads it:
+    no gradient reaches the guide's parameters through a draw, not even through q(z2|z1)'s use of z1."""
+
+    def _pyro_post_sample(self, msg) -> None:
+        if not msg["is_observed"] and torch.is_tensor(msg["value"]):
+            msg["value"] = msg["value"].detach()
+
+
+def _traces(model, guide, k: int, args: tuple, kwargs: dict, separate: bool,
+            fixed_draws: bool = False) -> tuple[poutine.Trace, poutine.Trace]:
     dim = -plate_nesting(model, *args, **kwargs) - 1
-    guide_tr = poutine.trace(_vectorized(guide, k, dim)).get_trace(*args, **kwargs)
+    with _FixedDraws() if fixed_draws else contextlib.nullcontext():  # outside the trace: it records detached draws
+        guide_tr = poutine.trace(_vectorized(guide, k, dim)).get_trace(*args, **kwargs)
     values_tr = _values_trace(guide_tr, separate)
     model_tr = poutine.trace(poutine.replay(_vectorized(model, k, dim), trace=values_tr)).get_trace(*args, **kwargs)
     return model_tr, guide_tr
@@ -144,7 +156,7 @@ def _values_trace(guide_tr: poutine.Trace, separate: bool) -> poutine.Trace:
     return tr
 
 
-def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
+def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False, fixed_draws: bool = False,
                 **kwargs) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
     """Log importance weights of shape (k, B), and the model and guide traces that made them.
 
@@ -153,8 +165,11 @@ def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
     through other draws in a hierarchical guide): the form the path-derivative estimators (STL,
     DReG) differentiate. The model trace then holds separate copies of the draws, which are the
     values log w was computed from (``_values_trace`` says why DReG needs them).
+
+    With ``fixed_draws`` every draw is detached as it is drawn (``_FixedDraws``): log w depends on the
+    parameters only through the densities, the form reweighted wake-sleep differentiates.
     """
-    model_tr, guide_tr = _traces(model, guide, k, args, kwargs, separate=stop_guide_params)
+    model_tr, guide_tr = _traces(model, guide, k, args, kwargs, separate=stop_guide_params, fixed_draws=fixed_draws)
     nesting = plate_nesting(model, *args, **kwargs)
     for name in latent_sites(model_tr):
         if not any(f.dim == -1 and f.vectorized for f in model_tr.nodes[name]["cond_indep_stack"]
@@ -183,17 +198,28 @@ def require_unscaled(model_tr: poutine.Trace, guide_tr: poutine.Trace, estimator
                                 "subsampled plate); use the elbo estimator")
 
 
+def _family(fn) -> str:
+    while hasattr(fn, "base_dist"):  # Independent, ExpandedDistribution, MaskedDistribution ...
+        fn = fn.base_dist
+    return type(fn).__name__
+
+
 def require_reparameterized(guide_tr: poutine.Trace, estimator: str) -> None:
     bad = [n for n in latent_sites(guide_tr) if not guide_tr.nodes[n]["fn"].has_rsample]
     if bad:
-        raise UserError(f"{estimator} needs reparameterizable guide sites; {', '.join(bad)} "
-                        "cannot be reparameterized (use the elbo estimator)")
+        what = ", ".join(f"{n} is {_family(guide_tr.nodes[n]['fn'])}" for n in bad)
+        raise UserError(f"{estimator} needs reparameterizable guide sites; {what}: use vimco or rws for an "
+                        "importance-weighted bound, tracegraph or elbo for the ELBO")
 
 
 def estimator_log_weights(name: str, model, guide, k: int, args: tuple, kwargs: dict, *,
-                          path_derivative: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
-    """log_weights for an importance-weighted estimator, after checking what its gradient needs."""
-    log_w, (model_tr, guide_tr) = log_weights(model, guide, k, *args, stop_guide_params=path_derivative, **kwargs)
-    require_reparameterized(guide_tr, name)
+                          path_derivative: bool = False, reparameterized: bool = True,
+                          fixed_draws: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
+    """log_weights for an importance-weighted estimator, after checking what its gradient needs
+    (``reparameterized=False`` for estimators with score-function or wake-phase guide gradients)."""
+    log_w, (model_tr, guide_tr) = log_weights(model, guide, k, *args, stop_guide_params=path_derivative,
+                                              fixed_draws=fixed_draws, **kwargs)
+    if reparameterized:
+        require_reparameterized(guide_tr, name)
     require_unscaled(model_tr, guide_tr, name)
     return log_w, (model_tr, guide_tr)

@@ -121,6 +121,8 @@ class Replayed:
         self._recordings: dict[Any, Any] = {}
         self._seen: dict[Any, torch.dtype | None] = {}
         self._owner: tuple[int, int] | None = None
+        if getattr(estimator, "replay_unsafe", None):  # Python state that a recorded graph would freeze
+            self._give_up(str(estimator.replay_unsafe))
 
     def __getattr__(self, name: str):
         # estimator properties (value_from_log_weights, num_particles, ...) read through the wrapper

@@ -1,0 +1,418 @@
+"""Discrete latents: every estimator of the registry against exact answers on a sigmoid belief net.
+
+The net has 8 binary latents and 10 observed bits, so log p(x), the exact posterior, the exact ELBO,
+the exact IWAE_2 bound (all 256^2 pairs of draws) and the expected wake-phi gradient of RWS follow by
+enumeration, and their exact gradients by autograd through it. Float64 throughout.
+
+Gradient checks are z-tests: R estimator calls, each on the batch of N points repeated r times (so
+one call sums r independent gradient draws), give a mean gradient per parameter and its standard
+error; every one of the 186 parameters must lie within Z = 4.5 standard errors of the exact
+gradient (a two-sided 4.5-sigma test per parameter: with 186 parameters the chance that a correct
+estimator fails somewhere is about 186 * 7e-6 = 1.3e-3). The power check: the same test, same draws,
+rejects the other bound's exact gradient.
+"""
+import dataclasses
+import itertools
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.distributions import constraints
+from pyro.distributions.torch_distribution import TorchDistribution
+from pyro.nn import PyroModule
+
+from pyro_vae.analysis.evaluation import evaluate
+from pyro_vae.data import ArrayDataset
+from pyro_vae.errors import UserError
+from pyro_vae.estimators import ESTIMATORS, RWS, VIMCO, TraceGraph
+from pyro_vae.estimators._weights import log_weights
+from pyro_vae.guides import BernoulliGuide
+from pyro_vae.models import SigmoidBeliefNet
+from pyro_vae.training.replay import Replayed
+
+X_DIM, H_DIM, N, K = 10, 8, 4, 2
+Z = 4.5
+# What each estimator that accepts a discrete guide estimates the gradient of: a new registry entry that
+# accepts the sbn must be added here (test_every_estimator_either_has_a_target_or_refuses checks it).
+TARGETS = {"elbo": "elbo", "enum-elbo": "elbo", "tracegraph": "elbo", "vimco": "iwae", "rws": "rws"}
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def make_model(seed=3):
+    torch.manual_seed(seed)
+    model = SigmoidBeliefNet(SigmoidBeliefNet.Config(x_dim=X_DIM, latent_dim=H_DIM))
+    with torch.no_grad():  # strong weights: a posterior far from the prior and far from factorized
+        model.decoder.weight.normal_(0, 1.5)
+        model.decoder.bias.normal_(0, 1.0)
+        model.prior_logits.normal_(0, 1.0)
+    return model
+
+
+def make_guide(**config):
+    guide = BernoulliGuide(BernoulliGuide.Config(x_dim=X_DIM, latent_dim=H_DIM, **config))
+    with torch.no_grad():
+        for p in guide.encoder.parameters():
+            p.normal_(0, 0.5)
+    return guide
+
+
+@pytest.fixture
+def problem():
+    model = make_model()
+    x = (torch.rand(N, X_DIM, generator=torch.Generator().manual_seed(0)) < 0.5).double()
+    return model, make_guide(), x
+
+
+# ---------------------------------------------------------------- exact answers by enumeration
+
+def log_q_table(guide, x, values):
+    """log q(h|x) of every configuration, (M, B), from the guide's own program conditioned on them."""
+    with pyro.plate("_configurations", values["h"].shape[0], dim=-2):
+        tr = poutine.trace(poutine.condition(guide, data=values)).get_trace(x)
+    return sum(s["fn"].log_prob(s["value"]) for s in tr.nodes.values() if s["type"] == "sample")
+
+
+def exact_objectives(model, guide, x):
+    """Summed over the points: the ELBO, IWAE_2 and the wake-phi surrogate whose phi-gradient is
+    E[sum_k w~_k d log q(h_k|x)] (weights and draw probabilities held fixed)."""
+    log_p, values = model.log_joint_table(x)
+    log_q = log_q_table(guide, x, values)
+    q, log_w = log_q.exp(), log_p - log_q
+    elbo = (q * log_w).sum()
+    pair = torch.stack(torch.broadcast_tensors(log_w[:, None], log_w[None, :]))  # (2, M, M, B)
+    qq = q[:, None] * q[None, :]
+    iwae = (qq * (torch.logsumexp(pair, 0) - math.log(2))).sum()
+    w = torch.softmax(pair.detach(), 0)
+    wake = (qq.detach() * (w[0] * log_q[:, None] + w[1] * log_q[None, :])).sum()
+    return {"elbo": elbo, "iwae": iwae, "wake": wake}
+
+
+def flat_grad(loss, params):
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+
+def exact_gradients(model, guide, x):
+    """The gradient of each negative bound: {"elbo", "iwae"} over (model, guide) parameters, and "rws"
+    (model part: IWAE's; guide part: minus the expected wake-phi gradient)."""
+    params = [*model.parameters(), *guide.parameters()]
+    obj = exact_objectives(model, guide, x)
+    out = {name: flat_grad(-obj[name], params) for name in ("elbo", "iwae")}
+    n_model = sum(p.numel() for p in model.parameters())
+    out["rws"] = torch.cat([out["iwae"][:n_model], flat_grad(-obj["wake"], list(guide.parameters()))])
+    return out, n_model
+
+
+def gradient_draws(estimator, model, guide, x, calls=300, repeat=100):
+    """(calls, P) gradients of the loss on one copy of x, each the mean of ``repeat`` independent draws."""
+    params = [*model.parameters(), *guide.parameters()]
+    xr = x.repeat(repeat, 1)
+    return torch.stack([flat_grad(estimator(model, guide, xr), params) / repeat for _ in range(calls)])
+
+
+def max_z(draws, target):
+    """The largest |mean - target| / standard error over the parameters."""
+    se = draws.std(0) / math.sqrt(len(draws))
+    return ((draws.mean(0) - target).abs() / se.clamp_min(1e-12)).max().item()
+
+
+def instance(name, k=K):
+    cls = ESTIMATORS[name]
+    return cls(num_particles=k) if "num_particles" in cls.__dataclass_fields__ else cls()
+
+
+# ---------------------------------------------------------------- the exact posterior as a guide
+
+class ConfigurationTable(TorchDistribution):
+    """A distribution over {0,1}^d given by one logit per configuration: can hold any posterior exactly."""
+
+    arg_constraints = {"logits": constraints.real}
+    support = constraints.independent(constraints.boolean, 1)
+    has_rsample = False
+
+    def __init__(self, logits, bits, validate_args=None):
+        self.logits = logits - logits.logsumexp(-1, keepdim=True)
+        self.bits = bits
+        self.weights = 2 ** torch.arange(bits - 1, -1, -1)
+        super().__init__(logits.shape[:-1], torch.Size([bits]), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return ConfigurationTable(self.logits.expand(*batch_shape, -1), self.bits)
+
+    def sample(self, sample_shape=()):
+        index = dist.Categorical(logits=self.logits).sample(torch.Size(sample_shape))
+        return ((index.unsqueeze(-1) // self.weights) % 2).to(self.logits.dtype)
+
+    def log_prob(self, value):
+        index = (value * self.weights).sum(-1).long()
+        shape = torch.broadcast_shapes(index.shape, self.batch_shape)
+        logits = self.logits.expand(shape + self.logits.shape[-1:])
+        return logits.gather(-1, index.expand(shape).unsqueeze(-1)).squeeze(-1)
+
+
+class ExactPosterior(PyroModule):
+    """q(h|x_n) = p(h|x_n) for the fixed data points x: a table of per-point logits.
+
+    Its parameters are 8 coordinates ``shift`` of the logits along fixed random directions, zero at the
+    exact posterior: every parameter moves the probability of every configuration, so a gradient is a
+    sum over all of them, not the gradient of one rare configuration's logit that few draws ever hit."""
+
+    def __init__(self, model, x, directions=8):
+        super().__init__()
+        log_p, _ = model.log_joint_table(x)
+        self.register_buffer("exact", log_p.detach().T.clone())  # (B, M), M in the table's bit order
+        self.register_buffer("directions", torch.randn(directions, log_p.shape[0],
+                                                       generator=torch.Generator().manual_seed(5)))
+        self.shift = torch.nn.Parameter(torch.zeros(directions))
+
+    def forward(self, x):
+        table = (self.exact + self.shift @ self.directions).repeat(x.shape[0] // self.exact.shape[0], 1)
+        with pyro.plate("data", x.shape[0], dim=-1):  # x may be the fixed points repeated
+            pyro.sample("h", ConfigurationTable(table, H_DIM))
+
+
+def test_exact_posterior_guide_holds_the_posterior(problem):
+    model, _, x = problem
+    guide = ExactPosterior(model, x)
+    log_p, values = model.log_joint_table(x)
+    lq = log_q_table(guide, x, values)
+    assert torch.allclose(lq, log_p - log_p.logsumexp(0), atol=1e-10)
+
+
+LOG_WEIGHT_BASED = sorted(n for n, c in ESTIMATORS.items() if c.value_from_log_weights)
+
+
+@pytest.mark.parametrize("name", LOG_WEIGHT_BASED)
+def test_bound_equals_log_likelihood_at_the_exact_posterior_or_refuses(problem, name):
+    model, mean_field, x = problem
+    exact = model.exact_log_likelihood(x).sum().item()
+    guide = ExactPosterior(model, x)
+    if name not in TARGETS:
+        with pytest.raises(UserError, match=r"h is Bernoulli: use vimco or rws .*tracegraph or elbo"):
+            instance(name)(model, mean_field, x)
+        return
+    for _ in range(3):
+        bound = -instance(name)(model, guide, x).item()
+        assert abs(bound - exact) < 1e-6, (name, bound, exact)
+    assert -instance(name)(model, mean_field, x).item() < exact - 1.0, "the mean-field guide is visibly looser"
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_every_estimator_either_has_a_target_or_refuses(problem, name):
+    model, guide, x = problem
+    if name in TARGETS:
+        assert torch.isfinite(instance(name)(model, guide, x))
+        return
+    if name == "analytic-kl":  # its closed-form KL needs reparameterized sites; Pyro's TraceMeanField_ELBO refuses
+        with pytest.raises((UserError, NotImplementedError)):
+            instance(name)(model, guide, x)
+        return
+    with pytest.raises(UserError, match="use vimco or rws"):
+        instance(name)(model, guide, x)
+
+
+# ---------------------------------------------------------------- expected gradients
+
+@pytest.fixture
+def exact_grads(problem):
+    model, guide, x = problem
+    return exact_gradients(model, guide, x)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_expected_gradient_equals_the_exact_gradient_of_its_target(problem, exact_grads, name):
+    model, guide, x = problem
+    grads, n_model = exact_grads
+    draws = gradient_draws(instance(name), model, guide, x)
+    target = TARGETS[name]
+    assert max_z(draws, grads[target]) < Z, (name, max_z(draws, grads[target]))
+    # power: the same test on the same draws rejects the other bound's gradient
+    other = "iwae" if target == "elbo" else "elbo"
+    assert max_z(draws, grads[other]) > 3 * Z, (name, max_z(draws, grads[other]))
+    if target == "rws":  # the model part is IWAE's gradient, the guide part is not the bound's at all
+        assert max_z(draws[:, :n_model], grads["iwae"][:n_model]) < Z
+        assert max_z(draws[:, n_model:], grads["iwae"][n_model:]) > 3 * Z
+
+
+def test_rws_guide_gradient_is_zero_in_expectation_at_the_exact_posterior(problem):
+    model, mean_field, x = problem
+    n_model = sum(p.numel() for p in model.parameters())
+    exact = ExactPosterior(model, x)
+    draws = gradient_draws(RWS(K), model, exact, x, calls=100, repeat=100)[:, n_model:]
+    assert draws.std(0).min() > 1e-3, "single draws are noisy; only their expectation vanishes"
+    assert max_z(draws, torch.zeros(draws.shape[1])) < Z
+    # power: at the mean-field guide the same test rejects zero
+    poor = gradient_draws(RWS(K), model, mean_field, x, calls=100, repeat=100)[:, n_model:]
+    assert max_z(poor, torch.zeros(poor.shape[1])) > 3 * Z
+
+
+def test_rws_sleep_phi_mixes_in_the_dream_gradient(problem):
+    """sleep_phi = 1: the guide's gradient is -sum_n d log q(h_n|x_n) on dreams from the model, whose
+    expectation is -sum_{h,x} p(h, x) d log q(h|x), exact by enumerating h and x (2^18 pairs)."""
+    model, guide, x = problem
+    params = list(guide.parameters())
+    n_model = sum(p.numel() for p in model.parameters())
+    xs = torch.tensor(list(itertools.product((0.0, 1.0), repeat=X_DIM)))  # every x
+    log_p, values = model.log_joint_table(xs)
+    expected = flat_grad(-(log_p.exp().detach() * log_q_table(guide, xs, values)).sum() * len(x), params)
+    draws = gradient_draws(RWS(K, sleep_phi=1.0), model, guide, x, calls=100, repeat=100)[:, n_model:]
+    assert max_z(draws, expected) < Z
+    wake = gradient_draws(RWS(K), model, guide, x, calls=100, repeat=100)[:, n_model:]
+    assert max_z(wake, expected) > 3 * Z, "the wake-phi gradient is another one"
+
+
+# ---------------------------------------------------------------- variance
+
+ENCODER = H_DIM * X_DIM + H_DIM  # the linear encoder's weight and bias, first among the guide's
+
+
+def guide_variance(draws, n_model, repeat):
+    """Summed over the encoder's parameters (not a baseline network's): the variance of one draw's gradient
+    on the N points."""
+    return (draws[:, n_model:n_model + ENCODER].var(0) * repeat).sum().item()
+
+
+class _NoBaseline(TraceGraph):
+    """tracegraph without any baseline: the plain Rao-Blackwellized score function."""
+
+    def __init__(self):
+        super().__init__(average_baseline=False)
+
+
+def exact_elbo_per_point(model, guide, x):
+    log_p, values = model.log_joint_table(x)
+    log_q = log_q_table(guide, x, values)
+    return (log_q.exp() * (log_p - log_q)).sum(0).detach()
+
+
+def test_baselines_reduce_tracegraph_guide_gradient_variance(problem):
+    model, guide, _ = problem
+    # four points whose ELBOs differ by ~14 nats (the two best and two worst of all 2^10 inputs), as MNIST
+    # digits differ: one average baseline cannot centre all of them, an input-dependent one can
+    every_x = torch.tensor(list(itertools.product((0.0, 1.0), repeat=X_DIM)))
+    order = exact_elbo_per_point(model, guide, every_x).argsort()
+    x = every_x[torch.cat([order[-2:], order[:2]])]
+    n_model = sum(p.numel() for p in model.parameters())
+    plain = guide_variance(gradient_draws(_NoBaseline(), model, guide, x, 100, 50), n_model, 50)
+    averaged = TraceGraph()
+    averaged(model, guide, x.repeat(50, 1))  # one call sets the average
+    average = guide_variance(gradient_draws(averaged, model, guide, x, 100, 50), n_model, 50)
+    assert average < 0.5 * plain, (average, plain)
+    # NVIL: a learned baseline C(x) owned by the guide; train only it, with the model and encoder fixed
+    nvil = make_guide(baseline_hidden=(16,))
+    nvil.encoder.load_state_dict(guide.encoder.state_dict())
+    estimator = TraceGraph()
+    optim = torch.optim.Adam(nvil.baseline_h.parameters(), lr=0.05)
+    for _ in range(150):
+        optim.zero_grad()
+        estimator(model, nvil, x.repeat(25, 1)).backward()
+        optim.step()
+    with torch.no_grad():  # least squares on the learning signal: average + C(x) -> E[signal | x], the ELBO of x
+        baseline = nvil.baseline_h(x) + estimator._averages[nvil]["h"]
+    assert (baseline - exact_elbo_per_point(model, guide, x)).abs().max() < 1.0
+    learned = guide_variance(gradient_draws(estimator, model, nvil, x, 100, 50), n_model, 50)
+    assert learned < 0.5 * average, (learned, average)
+
+
+def _score_function_iwae(k):
+    """The IWAE gradient with the plain score function: sum_k L d log q(h_k) + sum_k w~_k d log w_k."""
+    def loss(model, guide, x):
+        log_w, (_, guide_tr) = log_weights(model, guide, k, x)
+        bound = torch.logsumexp(log_w, 0) - math.log(k)
+        log_q = guide_tr.nodes["h"]["fn"].log_prob(guide_tr.nodes["h"]["value"])
+        return -(bound.sum() + (bound.detach() * log_q).sum() - (bound.detach() * log_q).sum().detach())
+    return loss
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_vimco_guide_gradient_variance_is_below_the_plain_score_function(problem, exact_grads, k):
+    model, guide, x = problem
+    n_model = sum(p.numel() for p in model.parameters())
+    plain_draws = gradient_draws(_score_function_iwae(k), model, guide, x, 100, 50)
+    vimco_draws = gradient_draws(VIMCO(k), model, guide, x, 100, 50)
+    plain, vimco = guide_variance(plain_draws, n_model, 50), guide_variance(vimco_draws, n_model, 50)
+    assert vimco < 0.5 * plain, (vimco, plain)
+    if k == 2:  # both are unbiased for the same gradient
+        assert max_z(plain_draws, exact_grads[0]["iwae"]) < Z
+
+
+# ---------------------------------------------------------------- evaluation, replay, refusals
+
+def test_is_log_likelihood_matches_the_exact_one(problem):
+    model, guide, _ = problem
+    with torch.no_grad():
+        trace = poutine.trace(model).get_trace(None, batch_size=60)
+    data = ArrayDataset(trace.nodes["x"]["value"].numpy(), binarize="none")  # float32, as datasets hold
+    exact = model.exact_log_likelihood(data.data.double())
+    result = evaluate(model.float(), guide.float(), data, num_samples=2000, quiet=True)
+    s = result.summary()
+    assert abs(s["log_likelihood"] - exact.mean().item()) < 2 * s["log_likelihood_se"]
+    is_error = (torch.as_tensor(result.log_likelihood, dtype=torch.float64) - exact).abs().mean()
+    elbo_gap = (exact - torch.as_tensor(result.elbo, dtype=torch.float64)).mean()
+    assert elbo_gap > 1.0 and is_error < 0.1 * elbo_gap, (is_error, elbo_gap)
+
+
+def losses_and_grads(estimator, model, guide, xs):
+    params = [*model.parameters(), *guide.parameters()]
+    torch.manual_seed(7)
+    return [(loss.detach(), flat_grad(loss, params)) for loss in (estimator(model, guide, x) for x in xs)]
+
+
+@pytest.mark.parametrize("estimator", [VIMCO(3), RWS(3), RWS(3, sleep_phi=0.5), TraceGraph()], ids=repr)
+def test_replayed_steps_are_bit_identical_to_eager(problem, estimator):
+    model, _, _ = problem
+    guide = make_guide(hidden=(16,), baseline_hidden=(8,))
+    xs = [(torch.rand(20, X_DIM, generator=torch.Generator().manual_seed(s)) < 0.4).double() for s in range(4)]
+    pyro.enable_validation(False)
+    eager = losses_and_grads(dataclasses.replace(estimator), model, guide, xs)  # a fresh copy: its own state
+    unsafe = getattr(estimator, "replay_unsafe", None)
+    with pytest.warns(RuntimeWarning, match="eagerly") if unsafe else warnings.catch_warnings():
+        if not unsafe:
+            warnings.simplefilter("error", RuntimeWarning)  # a replay-safe estimator must not fall back
+        replayed = Replayed(estimator)
+        fast = losses_and_grads(replayed, model, guide, xs)
+    if unsafe:
+        assert replayed.fallback_reason == estimator.replay_unsafe  # run eagerly, and said why
+    else:
+        assert replayed.fallback_reason is None and replayed.last_params is not None, "not replayed"
+    for (le, ge), (lf, gf) in zip(eager, fast):
+        assert torch.equal(le, lf) and torch.equal(ge, gf)
+
+
+def test_options_and_baselines_are_validated(problem):
+    model, guide, x = problem
+    with pytest.raises(ValueError, match="num_particles >= 2"):
+        VIMCO(1)
+    with pytest.raises(ValueError, match="sleep_phi"):
+        RWS(sleep_phi=1.5)
+    with pytest.raises(ValueError, match="baseline_beta"):
+        TraceGraph(baseline_beta=1.0)
+
+    def guide_with(options):
+        def g(x):
+            logits = guide.encoder(x)
+            with pyro.plate("data", x.shape[0], dim=-1):
+                pyro.sample("h", dist.Bernoulli(logits=logits).to_event(1), infer={"baseline": options})
+        return g
+
+    with pytest.raises(UserError, match=r"site 'h': unknown baseline option\(s\) beta"):
+        TraceGraph()(model, guide_with({"beta": 0.9}), x)
+    with pytest.raises(UserError, match=r"baseline of site 'h' has shape \(3,\)"):
+        TraceGraph()(model, guide_with({"baseline_value": torch.zeros(3)}), x)
+    # a user's baseline_value that broadcasts is honoured: b = 0 leaves the plain score function
+    torch.manual_seed(1)
+    a = flat_grad(TraceGraph()(model, guide_with({"baseline_value": torch.zeros(())}), x), list(guide.parameters()))
+    torch.manual_seed(1)
+    b = flat_grad(_NoBaseline()(model, guide, x), list(guide.parameters()))
+    assert torch.allclose(a, b, atol=1e-12)
