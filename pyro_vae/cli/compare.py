@@ -70,7 +70,10 @@ def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], ou
         snr_k = {}
         if "num_particles" in ESTIMATORS[name].__dataclass_fields__:
             for k in SNR_KS:
-                other = make_estimator(ESTIMATORS, name, {**options, "num_particles": k})
+                try:
+                    other = make_estimator(ESTIMATORS, name, {**options, "num_particles": k})
+                except UserError:  # a K the estimator does not take (vimco needs K >= 2)
+                    continue
                 snr_k[k] = gradient_snr(model, guide, other, x, snr_repeats, **kw)["encoder"]
         rows.append({
             "estimator": label,
