@@ -13,6 +13,7 @@ from .flow import IAFGuide
 from .linear_gaussian import LinearGaussianGuide
 from .m2 import M2Guide
 from .point import PointGuide
+from .relaxed_bernoulli import RelaxedBernoulliGuide
 from .two_layer import TwoLayerGuide
 
 GUIDES = {
@@ -25,6 +26,7 @@ GUIDES = {
     "conv": ConvGuide,
     "two-layer": TwoLayerGuide,
     "bernoulli": BernoulliGuide,
+    "relaxed-bernoulli": RelaxedBernoulliGuide,
 }
 
-__all__ = ["BernoulliGuide", "ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "TwoLayerGuide"]
+__all__ = ["BernoulliGuide", "ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "RelaxedBernoulliGuide", "TwoLayerGuide"]

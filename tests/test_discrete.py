@@ -534,3 +534,23 @@ def test_importance_diagnostics_work_and_gaps_refuse_in_one_line(problem):
     assert np.all(np.isfinite(poor.khat)) and np.all(poor.khat > KHAT_BAD)
     with pytest.raises(UserError, match=r"latent 'h' has support .*need real-valued latents"):
         inference_gaps(model, guide, x, steps=1)
+
+
+def test_relaxed_guide_has_exact_values_and_a_biased_gradient(problem, exact_grads):
+    """Straight-through draws are exact Bernoulli draws: IWAE_2's value is unbiased (its mean over calls is
+    the exact IWAE_2 bound) and so is the model's gradient, while the guide's expected gradient is not the
+    bound's (the stated bias, measured)."""
+    from pyro_vae.estimators import IWAE
+    from pyro_vae.guides import RelaxedBernoulliGuide
+    model, guide, x = problem
+    relaxed = RelaxedBernoulliGuide(RelaxedBernoulliGuide.Config(x_dim=X_DIM, latent_dim=H_DIM))
+    relaxed.load_state_dict(guide.state_dict())
+    exact_iwae = exact_objectives(model, guide, x)["iwae"].item()
+    with torch.no_grad():
+        values = torch.stack([-IWAE(K)(model, relaxed, x.repeat(100, 1)) / 100 for _ in range(200)])
+    assert abs(values.mean().item() - exact_iwae) < Z * values.std().item() / math.sqrt(len(values))
+    draws = gradient_draws(IWAE(K), model, relaxed, x)
+    n_model = sum(p.numel() for p in model.parameters())
+    assert max_z(draws[:, n_model:], exact_grads[0]["iwae"][n_model:]) > 3 * Z, "straight-through is biased"
+    # the model's gradient only needs exact draws: it is IWAE's
+    assert max_z(draws[:, :n_model], exact_grads[0]["iwae"][:n_model]) < Z

@@ -32,6 +32,7 @@ MODEL_LATENTS = {
 GUIDE_LATENTS = {
     "diagonal-normal": {"z"}, "conditional": {"z"}, "m2": {"z", "y"}, "linear-gaussian": {"z"}, "conv": {"z"},
     "iaf": {"z"}, "point": {"z"}, "two-layer": {"z1", "z2"}, "bernoulli": {"h"},
+    "relaxed-bernoulli": {"h"},
 }
 NEEDS_LABELS = {"conditional"}  # guides that cannot run without labels
 GIVEN_LABELS = {"m2": {"z"}}  # guides whose latents change when labels are given: y is then observed
