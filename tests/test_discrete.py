@@ -554,3 +554,26 @@ def test_relaxed_guide_has_exact_values_and_a_biased_gradient(problem, exact_gra
     assert max_z(draws[:, n_model:], exact_grads[0]["iwae"][n_model:]) > 3 * Z, "straight-through is biased"
     # the model's gradient only needs exact draws: it is IWAE's
     assert max_z(draws[:, :n_model], exact_grads[0]["iwae"][:n_model]) < Z
+
+
+@pytest.mark.parametrize("name", ["tracegraph", "vimco", "rws"])
+def test_two_layer_sbn_gradients_follow_the_dependency_structure(name):
+    """h2 -> h -> x in the model, q(h|x) q(h2|h) in the guide (with NVIL baselines on both sites): h's
+    learning signal in tracegraph must include the terms downstream of it through q(h2|h) and p(h|h2),
+    h2's only those that depend on h2. Exact gradients enumerate (h, h2) jointly (2^8 configurations)."""
+    torch.manual_seed(8)
+    model = SigmoidBeliefNet(SigmoidBeliefNet.Config(x_dim=X_DIM, latent_dim=5, top_dim=3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 1.2)
+    guide = BernoulliGuide(BernoulliGuide.Config(x_dim=X_DIM, latent_dim=5, top_dim=3, baseline_hidden=(8,)))
+    with torch.no_grad():
+        for p in [*guide.encoder.parameters(), *guide.top_encoder.parameters()]:
+            p.normal_(0, 0.7)
+    x = (torch.rand(N, X_DIM, generator=torch.Generator().manual_seed(1)) < 0.5).double()
+    exact, n_model = exact_gradients(model, guide, x)
+    draws = gradient_draws(instance(name), model, guide, x, calls=150, repeat=40)
+    n = n_model + sum(p.numel() for p in [*guide.encoder.parameters(), *guide.top_encoder.parameters()])
+    target, other = TARGETS[name], "iwae" if TARGETS[name] == "elbo" else "elbo"
+    assert max_z(draws[:, :n], exact[target][:n]) < Z  # model and encoders; the baseline nets have no target
+    assert max_z(draws[:, :n], exact[other][:n]) > 3 * Z
