@@ -11,6 +11,7 @@ import torch
 from pyro_vae.errors import UserError
 from pyro_vae.programs.sites import latent_sites, observed_sites, sample_sites
 
+from ._checks import warn_ignored_baselines
 from ._weights import _FixedDraws, _site_log_prob, check_num_particles, estimator_log_weights, plate_nesting
 
 
@@ -53,6 +54,7 @@ class RWS:
         k = self.num_particles
         log_w, (model_tr, guide_tr) = estimator_log_weights("rws", model, guide, k, args, kwargs,
                                                             reparameterized=False, fixed_draws=True)
+        warn_ignored_baselines("rws", guide, guide_tr, "its wake-phase guide gradient has no score term to centre")
         value = -(torch.logsumexp(log_w, 0) - math.log(k)).sum()
         if not log_w.requires_grad:
             return value

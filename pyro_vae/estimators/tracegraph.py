@@ -16,6 +16,7 @@ from pyro.ops.provenance import detach_provenance, get_provenance
 from pyro_vae.errors import UserError
 from pyro_vae.programs.sites import sample_sites
 
+from ._checks import checked_call
 from ._weights import _vectorized, check_num_particles, plate_nesting
 from .elbo import kl_scaled_guide
 
@@ -67,13 +68,21 @@ class TraceGraph:
             raise ValueError(f"baseline_beta must be in [0, 1), got {self.baseline_beta}")
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        k = self.num_particles
         nesting = plate_nesting(model, *args, **kwargs)
+        scaled = kl_scaled_guide(model, guide)
+
+        def run(model_run, guide_run):  # the programs, watched on a first call by checked_call
+            return self._loss(model_run, guide_run if scaled is guide else scaled, guide, nesting, args, kwargs)
+
+        # checked_call refuses a model-side enumerated site (naming enum-elbo) on the first call
+        return checked_call("tracegraph", model, guide, run, args, kwargs, honours_baselines=True)
+
+    def _loss(self, model, guide, owner, nesting: int, args: tuple, kwargs: dict) -> torch.Tensor:
+        k = self.num_particles
         dim = -nesting - 1
         with TrackNonReparam():
             model_tr, guide_tr = get_importance_trace(
-                "flat", nesting + 1, _vectorized(model, k, dim), _vectorized(kl_scaled_guide(model, guide), k, dim),
-                args, kwargs)
+                "flat", nesting + 1, _vectorized(model, k, dim), _vectorized(guide, k, dim), args, kwargs)
         model_sites, guide_sites = sample_sites(model_tr), sample_sites(guide_tr)
         elbo = sum(s["log_prob_sum"] for s in model_sites.values()) - sum(s["log_prob_sum"] for s in guide_sites.values())
         value = -detach_provenance(torch.as_tensor(elbo)).detach() / k
@@ -94,7 +103,7 @@ class TraceGraph:
         for name, cost in costs.items():
             site = guide_tr.nodes[name]
             signal = cost.sum_to(site["cond_indep_stack"])
-            baseline, loss = self._baseline(guide, name, site, signal)
+            baseline, loss = self._baseline(owner, name, site, signal)
             baseline_loss = baseline_loss + loss
             surrogate = surrogate + (site["score_parts"].score_function * (signal - baseline).detach()).sum()
         surrogate_loss = detach_provenance((baseline_loss - surrogate) / k)

@@ -9,6 +9,7 @@ import torch
 
 from pyro_vae.programs.sites import latent_sites
 
+from ._checks import warn_ignored_baselines
 from ._weights import _site_log_prob, check_num_particles, estimator_log_weights, plate_nesting
 
 
@@ -52,6 +53,7 @@ class VIMCO:
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
         log_w, (_, guide_tr) = estimator_log_weights("vimco", model, guide, self.num_particles, args, kwargs,
                                                      reparameterized=False)
+        warn_ignored_baselines("vimco", guide, guide_tr, "its leave-one-out baselines take its place")
         bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)
         value = -bound.sum()
         if not log_w.requires_grad:
