@@ -27,10 +27,12 @@ from pyro_vae.training.fit import fit
 MODEL_LATENTS = {
     "vae": {"z"}, "beta-vae": {"z"}, "cvae": {"z"}, "m2": {"z", "y"}, "linear-gaussian": {"z"},
     "conv-vae": {"z"}, "gaussian-vae": {"z"}, "autoencoder": {"z"}, "two-layer-vae": {"z1", "z2"},
+    "sbn": {"h"},
 }
 GUIDE_LATENTS = {
     "diagonal-normal": {"z"}, "conditional": {"z"}, "m2": {"z", "y"}, "linear-gaussian": {"z"}, "conv": {"z"},
-    "iaf": {"z"}, "point": {"z"}, "two-layer": {"z1", "z2"},
+    "iaf": {"z"}, "point": {"z"}, "two-layer": {"z1", "z2"}, "bernoulli": {"h"},
+    "relaxed-bernoulli": {"h"},
 }
 NEEDS_LABELS = {"conditional"}  # guides that cannot run without labels
 GIVEN_LABELS = {"m2": {"z"}}  # guides whose latents change when labels are given: y is then observed

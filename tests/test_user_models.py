@@ -535,7 +535,8 @@ def test_discrete_guides_are_refused_with_the_estimators_that_fit(name):
 
     x = torch.bernoulli(torch.full((5, 6), 0.4))
     with pytest.raises(UserError, match=rf"^{name} needs reparameterizable guide sites, but 'h' \(Bernoulli\) cannot "
-                                        r"be reparameterized; use elbo \(score-function gradients\)$"):
+                                        r"be reparameterized; use vimco or rws \(importance-weighted bounds\), "
+                                        r"tracegraph \(the ELBO with baselines\) or elbo \(score-function gradients\)$"):
         ESTIMATORS[name]()(BinaryNet(), BinaryGuide(), x)
     # a scalar discrete site can be enumerated: then enum-elbo fits too, and the message says how
     with pytest.raises(UserError, match=r"'b' \(Bernoulli\).*use enum-elbo \(mark the site "

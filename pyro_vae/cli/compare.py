@@ -91,7 +91,10 @@ def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], ou
         curve = {}
         if has_k:
             for k in SNR_KS:
-                other = make_estimator(ESTIMATORS, name, {**options, "num_particles": k})
+                try:
+                    other = make_estimator(ESTIMATORS, name, {**options, "num_particles": k})
+                except UserError:  # a K the estimator does not take (vimco needs K >= 2)
+                    continue
                 curve[k] = gradient_snr(model, guide, other, x, repeats, **kw)
         # the curve already holds the estimator itself where its K is one of SNR_KS
         snr = curve.get(est.num_particles) if has_k else None

@@ -1,6 +1,6 @@
 """What an estimator owes the user about their program, said once, from the sites its own run visits.
 
-The estimators built on Pyro's ELBOs (elbo, analytic-kl, enum-elbo) never see the traces Pyro makes, so
+The estimators built on Pyro's ELBOs (elbo, analytic-kl, enum-elbo, tracegraph) never see the traces Pyro makes, so
 the first call for a (model, guide, keyword set) runs the model and guide under small messengers that
 only read each site's name, distribution and ``infer`` dict: no tensor work, no random draws, so the
 call gives exactly the loss it would give without them (and the fast path can record it). They:
@@ -10,7 +10,8 @@ call gives exactly the loss it would give without them (and the fast path can re
 - refuse, for analytic-kl, a guide site that cannot be reparameterized, naming what fits;
 - warn once per site where analytic-kl has no closed-form KL and falls back to Monte Carlo;
 - warn once per site where a guide asks for a score-function baseline (``infer={"baseline": ...}``),
-  which these estimators do not use.
+  which these estimators do not use (tracegraph honours it; vimco and rws warn through
+  ``warn_ignored_baselines``).
 
 Pyro's "Guessed max_plate_nesting" log line is dropped while our estimators call Pyro
 (``quiet_pyro_guesses``), by a filter on that one logger, removed afterwards.
@@ -46,6 +47,14 @@ def warn_once(owner, kind: str, site: str, message: str) -> None:
     seen.add((kind, site))
     # warn_explicit with a filename that is no file: the message alone, never an internal source line
     warnings.warn_explicit(message, PyroVaeWarning, filename="pyro-vae", lineno=0)
+
+
+def warn_ignored_baselines(estimator: str, guide, guide_tr, why: str) -> None:
+    """Once per site: a guide site asks for a score-function baseline this estimator has no use for."""
+    for name, site in guide_tr.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and (site.get("infer") or {}).get("baseline"):
+            warn_once(guide, "baseline", name, f"{estimator} ignores the baseline asked for at guide site {name!r} "
+                      f"(infer={{'baseline': ...}}): {why}")
 
 
 def enumerated_refusal(estimator: str, sites: list[str]) -> UserError:
@@ -96,9 +105,11 @@ def _reparameterizable(fn) -> bool:
 
 
 class _Check:
-    def __init__(self, estimator: str, model, guide, *, accepts_enumerated: bool, analytic_kl: bool):
+    def __init__(self, estimator: str, model, guide, *, accepts_enumerated: bool, analytic_kl: bool,
+                 honours_baselines: bool = False):
         self.estimator, self.model, self.guide = estimator, model, guide
         self.accepts_enumerated, self.analytic_kl = accepts_enumerated, analytic_kl
+        self.honours_baselines = honours_baselines
         self.guide_sites: dict = {}
         self.model_sites: dict = {}
         self.guide_checked = False
@@ -118,7 +129,7 @@ class _Check:
             if bad:
                 raise reparameterization_refusal(self.estimator, {n: latent[n]["fn"] for n in bad})
         for name, site in latent.items():
-            if (site.get("infer") or {}).get("baseline") is not None:
+            if not self.honours_baselines and (site.get("infer") or {}).get("baseline") is not None:
                 warn_once(self.guide, "baseline", name,
                           f"{self.estimator} ignores the baseline asked for at guide site {name!r} "
                           "(infer={'baseline': ...}): its gradient has no baseline-corrected score term")
@@ -140,7 +151,7 @@ class _Check:
 
 
 def checked_call(estimator: str, model, guide, run, args: tuple, kwargs: dict, *,
-                 accepts_enumerated: bool = False, analytic_kl: bool = False):
+                 accepts_enumerated: bool = False, analytic_kl: bool = False, honours_baselines: bool = False):
     """``run(model, guide)``, checked as this module describes the first time this estimator meets this
     (model, guide, keyword set); later calls go straight to ``run``. ``run`` gets the programs wrapped
     (no attributes): it reads capabilities such as ``kl_scale`` from the originals."""
@@ -151,7 +162,8 @@ def checked_call(estimator: str, model, guide, run, args: tuple, kwargs: dict, *
         done = set()
     if key in done:
         return run(model, guide)
-    check = _Check(estimator, model, guide, accepts_enumerated=accepts_enumerated, analytic_kl=analytic_kl)
+    check = _Check(estimator, model, guide, accepts_enumerated=accepts_enumerated, analytic_kl=analytic_kl,
+                   honours_baselines=honours_baselines)
 
     def watched_guide(*a, **kw):
         with _Sites(check.guide_sites):
@@ -171,13 +183,15 @@ def reparameterization_refusal(estimator: str, sites: dict) -> UserError:
     """The one message for guide sites an estimator needs reparameterized: it names the estimators that fit.
 
     ``sites`` maps each such site to its distribution. Discrete sites with an enumerable support fit
-    enum-elbo when marked ``infer={"enumerate": "parallel"}``; any site fits elbo's score-function gradient."""
+    enum-elbo when marked ``infer={"enumerate": "parallel"}``; any site fits the importance-weighted
+    vimco and rws, tracegraph's ELBO with baselines, and elbo's plain score-function gradient."""
     described = ", ".join(f"{n!r} ({type(_base(fn)).__name__})" for n, fn in sites.items())
     enumerable = all(fn.support.is_discrete and fn.has_enumerate_support for fn in sites.values())
     fits = (["enum-elbo (mark the site infer={'enumerate': 'parallel'} to sum it out exactly)"] if enumerable else [])
-    fits.append("elbo (score-function gradients)")
+    fits += ["vimco or rws (importance-weighted bounds)", "tracegraph (the ELBO with baselines)",
+             "elbo (score-function gradients)"]
     return UserError(f"{estimator} needs reparameterizable guide sites, but {described} cannot be reparameterized; "
-                     f"use {' or '.join(fits)}")
+                     f"use {', '.join(fits[:-1])} or {fits[-1]}")
 
 
 def _base(fn):

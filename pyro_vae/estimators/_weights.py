@@ -55,9 +55,20 @@ def particle_traces(model, guide, k: int, *args, **kwargs) -> tuple[poutine.Trac
     return _traces(model, guide, k, args, kwargs, separate=False)
 
 
-def _traces(model, guide, k: int, args: tuple, kwargs: dict, separate: bool) -> tuple[poutine.Trace, poutine.Trace]:
+class _FixedDraws(Messenger):
+    """Each latent draw is detached as it is drawn, before any trace records it or the program reads it:
+    no gradient reaches the guide's parameters through a draw, not even through q(z2|z1)'s use of z1."""
+
+    def _pyro_post_sample(self, msg) -> None:
+        if not msg["is_observed"] and torch.is_tensor(msg["value"]):
+            msg["value"] = msg["value"].detach()
+
+
+def _traces(model, guide, k: int, args: tuple, kwargs: dict, separate: bool,
+            fixed_draws: bool = False) -> tuple[poutine.Trace, poutine.Trace]:
     dim = -plate_nesting(model, *args, **kwargs) - 1
-    with _vectorization_errors(guide, k):
+    with _FixedDraws() if fixed_draws else contextlib.nullcontext(), _vectorization_errors(guide, k):
+        # _FixedDraws outside the trace: it records the detached draws
         guide_tr = poutine.trace(_vectorized(guide, k, dim)).get_trace(*args, **kwargs)
     values_tr = _values_trace(guide_tr, separate)
     with _vectorization_errors(model, k):
@@ -166,7 +177,7 @@ def _values_trace(guide_tr: poutine.Trace, separate: bool) -> poutine.Trace:
     return tr
 
 
-def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
+def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False, fixed_draws: bool = False,
                 **kwargs) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
     """Log importance weights of shape (k, B), and the model and guide traces that made them.
 
@@ -176,16 +187,19 @@ def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
     DReG) differentiate. The model trace then holds separate copies of the draws, which are the
     values log w was computed from (``_values_trace`` says why DReG needs them).
 
+    With ``fixed_draws`` every draw is detached as it is drawn (``_FixedDraws``): log w depends on the
+    parameters only through the densities, the form reweighted wake-sleep differentiates.
+
     A model-side enumerated site (``infer={"enumerate": "parallel"}`` in the model, none in the guide,
     e.g. a mixture component c) is summed out exactly: log w = log sum_c p(x, z, c) - log q(z|x)
     (``pyro_vae.estimators._enumerated``).
     """
-    return _log_weights(model, guide, k, args, kwargs, stop_guide_params, None)
+    return _log_weights(model, guide, k, args, kwargs, stop_guide_params, None, fixed_draws)
 
 
 def _log_weights(model, guide, k: int, args: tuple, kwargs: dict, stop_guide_params: bool,
-                 estimator: str | None) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
-    model_tr, guide_tr = _traces(model, guide, k, args, kwargs, separate=stop_guide_params)
+                 estimator: str | None, fixed_draws: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
+    model_tr, guide_tr = _traces(model, guide, k, args, kwargs, separate=stop_guide_params, fixed_draws=fixed_draws)
     nesting = plate_nesting(model, *args, **kwargs)
     for name in latent_sites(model_tr):
         if not any(f.dim == -1 and f.vectorized for f in model_tr.nodes[name]["cond_indep_stack"]
@@ -232,9 +246,12 @@ def require_reparameterized(guide_tr: poutine.Trace, estimator: str) -> None:
 
 
 def estimator_log_weights(name: str, model, guide, k: int, args: tuple, kwargs: dict, *,
-                          path_derivative: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
-    """log_weights for an importance-weighted estimator, after checking what its gradient needs."""
-    log_w, (model_tr, guide_tr) = _log_weights(model, guide, k, args, kwargs, path_derivative, name)
-    require_reparameterized(guide_tr, name)
+                          path_derivative: bool = False, reparameterized: bool = True,
+                          fixed_draws: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
+    """log_weights for an importance-weighted estimator, after checking what its gradient needs
+    (``reparameterized=False`` for estimators with score-function or wake-phase guide gradients)."""
+    log_w, (model_tr, guide_tr) = _log_weights(model, guide, k, args, kwargs, path_derivative, name, fixed_draws)
+    if reparameterized:
+        require_reparameterized(guide_tr, name)
     require_unscaled(model_tr, guide_tr, name)
     return log_w, (model_tr, guide_tr)
