@@ -34,6 +34,7 @@ from pyro_vae.estimators._weights import log_weights
 from pyro_vae.guides import BernoulliGuide
 from pyro_vae.models import SigmoidBeliefNet
 from pyro_vae.training.replay import Replayed
+from pyro_vae.training.replay_warning import ReplayWarning
 
 X_DIM, H_DIM, N, K = 10, 8, 4, 2
 Z = 4.5
@@ -378,13 +379,13 @@ def test_replayed_steps_are_bit_identical_to_eager(problem, estimator):
     pyro.enable_validation(False)
     eager = losses_and_grads(dataclasses.replace(estimator), model, guide, xs)  # a fresh copy: its own state
     unsafe = getattr(estimator, "replay_unsafe", None)
-    with pytest.warns(RuntimeWarning, match="eagerly") if unsafe else warnings.catch_warnings():
+    with pytest.warns(ReplayWarning, match="eagerly") if unsafe else warnings.catch_warnings():
         if not unsafe:
-            warnings.simplefilter("error", RuntimeWarning)  # a replay-safe estimator must not fall back
+            warnings.simplefilter("error", ReplayWarning)  # a replay-safe estimator must not fall back
         replayed = Replayed(estimator)
         fast = losses_and_grads(replayed, model, guide, xs)
     if unsafe:
-        assert replayed.fallback_reason == estimator.replay_unsafe  # run eagerly, and said why
+        assert estimator.replay_unsafe in replayed.fallback_reason  # run eagerly, and said why
     else:
         assert replayed.fallback_reason is None and replayed.last_params is not None, "not replayed"
     for (le, ge), (lf, gf) in zip(eager, fast):
