@@ -5,6 +5,7 @@ Importable only as ``pyro_vae.guides`` (see models/__init__.py for why).
 if __name__ != "pyro_vae.guides":  # pragma: no cover
     raise ImportError("import this package as pyro_vae.guides, not as guides")
 
+from .auto import AutoAmortized
 from .conditional import ConditionalGuide
 from .conv import ConvGuide
 from .diagonal_normal import DiagonalNormalGuide
@@ -15,6 +16,7 @@ from .point import PointGuide
 from .two_layer import TwoLayerGuide
 
 GUIDES = {
+    "auto": AutoAmortized,
     "diagonal-normal": DiagonalNormalGuide,
     "conditional": ConditionalGuide,
     "m2": M2Guide,
@@ -25,4 +27,4 @@ GUIDES = {
     "two-layer": TwoLayerGuide,
 }
 
-__all__ = ["ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "TwoLayerGuide"]
+__all__ = ["AutoAmortized", "ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "TwoLayerGuide"]
