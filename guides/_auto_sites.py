@@ -8,7 +8,6 @@ refused here, in one line naming the site, before any network is built.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass, field
 
@@ -18,14 +17,11 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import biject_to, constraints
 
-from pyro_vae.errors import UserError
 from pyro_vae.programs.sites import _trace, sample_sites
 
+from ._auto_families import SiteError, fixed_support, holds_counts, is_real, unwrap
+
 DISCRETE = ("bernoulli", "categorical", "onehot")
-
-
-class SiteError(UserError, ValueError):
-    """A model site that AutoAmortized cannot represent; the message names the site."""
 
 
 @dataclass
@@ -108,62 +104,6 @@ def _seeded_trace(model, x, kwargs, seed: int) -> poutine.Trace:
         return _trace(model, x, **kwargs)
 
 
-def _unwrap(fn):
-    """The distribution under Independent / Expanded / Masked wrappers."""
-    while isinstance(fn, (torch.distributions.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
-        fn = fn.base_dist
-    return fn
-
-
-def _base_constraint(c):
-    while isinstance(c, constraints.independent):
-        c = c.base_constraint
-    return c
-
-
-def support_name(c) -> str:
-    """A support's short name: ``positive``-like constraints by their class (GreaterThan, Interval, Simplex)."""
-    return type(_base_constraint(c)).__name__.strip("_")
-
-
-def is_real(c) -> bool:
-    return isinstance(_base_constraint(c), constraints._Real)
-
-
-def holds_counts(c) -> bool:
-    """A non-negative integer support wider than {0, 1} (Poisson, Binomial, negative binomial counts)."""
-    c = _base_constraint(c)
-    if isinstance(c, constraints._IntegerGreaterThan):
-        return float(c.lower_bound) >= 0
-    if isinstance(c, constraints._IntegerInterval):
-        return float(torch.as_tensor(c.lower_bound).min()) >= 0 and float(torch.as_tensor(c.upper_bound).max()) > 1
-    return False
-
-
-def fixed_support(c, other, name: str):
-    """The support with any tensor bounds replaced by their one value, or a SiteError when a bound is
-    learned, differs between points or between two runs (then it depends on parameters, data or latents)."""
-    if isinstance(c, constraints.independent):
-        return constraints.independent(fixed_support(c.base_constraint, other.base_constraint, name),
-                                       c.reinterpreted_batch_ndims)
-    if constraints.is_dependent(c):
-        raise SiteError(f"site {name!r} has a dependent support ({c}) that AutoAmortized cannot place a Normal on")
-    bounds = {k: v for k, v in vars(c).items() if torch.is_tensor(v)}
-    if not bounds:
-        return c
-    fixed = {}
-    for k, v in bounds.items():
-        flat, again = v.detach().reshape(-1), getattr(other, k, None)
-        same = torch.is_tensor(again) and again.shape == v.shape and torch.equal(again.detach(), v.detach())
-        if v.requires_grad or not same or not bool((flat == flat[0]).all()):
-            raise SiteError(f"site {name!r} has a support ({support_name(c)}) whose {k} depends on the model's "
-                            "parameters, its data or other latents; AutoAmortized needs a fixed support to map a Normal onto")
-        fixed[k] = float(flat[0])
-    out = copy.copy(c)
-    vars(out).update(fixed)
-    return out
-
-
 def _data_plate(site: dict, name: str, batch: int) -> bool:
     """Whether the site is local (inside pyro.plate("data") at dim -1, one draw per point); refuses layouts
     the guide cannot mirror."""
@@ -233,7 +173,7 @@ def _prior_location(fn, value: torch.Tensor, transform) -> torch.Tensor:
 
 
 def _discrete_spec(name, site, local, kwarg, enumerate_mode) -> SiteSpec:
-    fn, base = site["fn"], _unwrap(site["fn"])
+    fn, base = site["fn"], unwrap(site["fn"])
     if site["mask"] is False:
         raise SiteError(f"site {name!r} is discrete and masked out of the model; AutoAmortized has no point mass for it")
     if not local:

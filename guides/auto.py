@@ -12,12 +12,12 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule
 from torch import nn
-from torch.distributions.transforms import ReshapeTransform
 
-from pyro_vae.nets import ACTIVATIONS, mlp, split_loc_scale
+from pyro_vae.nets import ACTIVATIONS, mlp
 
-from ._auto_sites import ProgramSpec, SiteError, SiteSpec, read_model, support_name
-from .flow import iaf_steps, iaf_transforms
+from ._auto_families import SiteError, continuous, discrete, out_dim, support_name, uses_iaf
+from ._auto_sites import ProgramSpec, SiteSpec, read_model
+from .flow import iaf_steps
 
 FAMILIES = ("diagonal", "lowrank", "iaf")
 INPUT_TRANSFORMS = ("auto", "none", "log1p")
@@ -151,14 +151,14 @@ class AutoAmortized(PyroModule):
             if spec.local:
                 spec.index = len(heads)
                 between = c.head_hidden if c.head_hidden is not None else (hidden[-1:] if seen and hidden else ())
-                head = mlp([trunk_out + seen, *between, self._out_dim(spec)], c.activation)
+                head = mlp([trunk_out + seen, *between, out_dim(spec, c)], c.activation)
                 with torch.no_grad():  # start each head at the prior's location
                     head[-1].bias[:spec.init.numel()] += spec.init.to(head[-1].bias.dtype)
                     if c.family == "lowrank" and not spec.discrete and spec.kind != "point":
                         # a zero factor is a stationary point of F F^T: start it away from 0
                         head[-1].bias[2 * spec.free_dim:].normal_(0.0, 0.5)
                 heads.append(head)
-                iaf = self._uses_iaf(spec)
+                iaf = uses_iaf(spec, c)
                 flows.append(iaf_steps(spec.free_dim, int(c.context_dim), int(c.num_flows), c.flow_hidden,
                                        c.activation) if iaf else nn.ModuleList())
             else:
@@ -174,20 +174,6 @@ class AutoAmortized(PyroModule):
         self.to(device=x.device)
         self.sites, self._program = program.sites, program
         self.__dict__.pop("_model", None)
-
-    def _uses_iaf(self, spec: SiteSpec) -> bool:
-        return self.config.family == "iaf" and not spec.discrete and spec.kind != "point" and spec.free_dim > 1 \
-            and int(self.config.num_flows) > 0
-
-    def _out_dim(self, spec: SiteSpec) -> int:
-        if spec.discrete:
-            return spec.feature_dim
-        d = spec.free_dim
-        if spec.kind == "point":
-            return d
-        if self.config.family == "lowrank":
-            return 2 * d + d * int(self.config.rank)
-        return 2 * d + (int(self.config.context_dim) if self._uses_iaf(spec) else 0)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if not self.built:
@@ -244,7 +230,7 @@ class AutoAmortized(PyroModule):
     def _sample_local(self, spec: SiteSpec, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch = out.shape[:-1]
         if spec.discrete:
-            return pyro.sample(spec.name, self._discrete(spec, out, batch), infer=dict(spec.infer)), None
+            return pyro.sample(spec.name, discrete(spec, out), infer=dict(spec.infer)), None
         t = spec.transform()
         if spec.kind == "point":
             free = out.reshape(batch + spec.free_shape)
@@ -252,39 +238,9 @@ class AutoAmortized(PyroModule):
                 value = pyro.sample(spec.name, dist.Delta(t(free) if t is not None else free,
                                                           event_dim=len(spec.event_shape)))
         else:
-            value = pyro.sample(spec.name, self._continuous(spec, out, batch, t))
+            value = pyro.sample(spec.name, continuous(spec, self.config, out, t, self.flows[spec.index]))
         # the value as the program goes on with it (a replayed one, too); the cache gives a draw its own u
         return value, None if t is None else t.inv(value)
-
-    def _continuous(self, spec: SiteSpec, out: torch.Tensor, batch, t) -> dist.TorchDistribution:
-        d, shape = spec.free_dim, spec.free_shape
-        transforms = []
-        if self.config.family == "lowrank":
-            loc, raw, factor = out.split([d, d, d * int(self.config.rank)], -1)
-            base = dist.LowRankMultivariateNormal(loc, factor.reshape(*batch, d, int(self.config.rank)),
-                                                  nn.functional.softplus(raw) + 1e-6)
-        elif self._uses_iaf(spec):
-            loc, scale = split_loc_scale(out[..., :2 * d])
-            base = dist.Normal(loc, scale).to_event(1)
-            reverse = torch.arange(d - 1, -1, -1, device=out.device)
-            transforms += iaf_transforms(self.flows[spec.index], out[..., 2 * d:], reverse)
-        else:
-            loc, scale = split_loc_scale(out)
-            base = dist.Normal(loc.reshape(batch + shape), scale.reshape(batch + shape)).to_event(len(shape))
-            shape = None  # already in the site's free shape
-        if shape is not None and shape != (d,):
-            transforms.append(ReshapeTransform((d,), shape))
-        if t is not None:
-            transforms.append(t)
-        return dist.TransformedDistribution(base, transforms) if transforms else base
-
-    def _discrete(self, spec: SiteSpec, out: torch.Tensor, batch) -> dist.TorchDistribution:
-        event = spec.event_shape
-        if spec.kind == "bernoulli":
-            return dist.Bernoulli(logits=out.reshape(batch + event)).to_event(len(event))
-        if spec.kind == "categorical":
-            return dist.Categorical(logits=out.reshape(batch + event + (spec.num_categories,))).to_event(len(event))
-        return dist.OneHotCategorical(logits=out.reshape(batch + event)).to_event(len(event) - 1)
 
     def _sample_global(self, spec: SiteSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
         loc = self.global_locs[spec.index]
@@ -309,7 +265,7 @@ class AutoAmortized(PyroModule):
         rows = []
         for s in self.sites:
             family = s.kind if s.discrete else "point mass" if s.kind == "point" else (
-                f"{self.config.family if (self.config.family != 'iaf' or self._uses_iaf(s)) else 'diagonal'} Normal"
+                f"{self.config.family if (self.config.family != 'iaf' or uses_iaf(s, self.config)) else 'diagonal'} Normal"
                 + (f" -> {support_name(s.support)}" if s.support is not None else ""))
             rows.append({"site": s.name, "where": "per point" if s.local else "global", "shape": s.event_shape,
                          "family": family, "latent unless given": s.kwarg or "",
