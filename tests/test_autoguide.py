@@ -660,3 +660,60 @@ def test_cli_trains_evaluates_and_diagnoses_with_the_auto_guide(fake_dataset, tm
     assert main(["diagnose", str(run), "--points", "5", "--samples", "100", "--gap-points", "3", "--gap-steps", "5",
                  "--quiet"]) == 0
     assert (run / "diagnostics" / "summary.json").exists()
+
+
+LAZY_SCRIPT = '''
+import sys
+import numpy as np
+import torch
+from pyro_vae import ArrayDataset, TrainConfig, fit
+from pyro_vae.estimators import ELBO
+from pyro_vae.guides import AutoAmortized
+from pyro_vae.models import Autoencoder
+from pyro_vae.training import distributed
+
+torch.set_num_threads(1)
+world = distributed.join(torch.device("cpu"))
+x = np.load(sys.argv[1])["x"]
+torch.manual_seed(0)
+model = Autoencoder(Autoencoder.Config(x_dim=16, latent_dim=2, hidden=(8,), activation="relu"))
+guide = AutoAmortized(model, AutoAmortized.Config(hidden=(8,), activation="relu"))  # built on its first call
+fit(model, guide, ELBO(), ArrayDataset(x, binarize="none"), None,
+    TrainConfig(epochs=2, batch_size=40, lr=1e-2, device="cpu"), quiet=True, world=world)
+guides = distributed.gather_objects(world, guide.state_dict())
+if world.main:
+    torch.save({"model": model.state_dict(), "guides": guides}, sys.argv[2])
+distributed.finish()
+'''
+
+
+def test_a_lazily_built_guide_trains_in_two_processes_as_in_one(tmp_path):
+    """The autoencoder's point-mass guide draws nothing at random, so two gloo processes end where one process
+    ends on the combined batch, and both ranks build the same weights on their first call."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    script, data = tmp_path / "lazy.py", tmp_path / "x.npz"
+    script.write_text(LAZY_SCRIPT)
+    np.savez(data, x=(np.random.default_rng(0).random((160, 16)) > 0.5).astype("float32"))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    runs = {"one": [sys.executable, str(script)],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]}
+    out = {}
+    for name, cmd in runs.items():
+        done = subprocess.run([*cmd, str(data), str(tmp_path / f"{name}.pt")], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[name] = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+    rank0, rank1 = out["two"]["guides"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the ranks' guides differ"
+    one = out["one"]["guides"][0]
+    assert one.keys() == rank0.keys()
+    for k in one:
+        assert torch.allclose(one[k], rank0[k], rtol=1e-4, atol=1e-5), k
+    for k, v in out["one"]["model"].items():
+        assert torch.allclose(v, out["two"]["model"][k], rtol=1e-4, atol=1e-5), k
