@@ -109,6 +109,20 @@ def test_registered_and_built_through_the_capability():
     assert not any(p is q for p in g.parameters() for q in model.parameters()), "the guide owns no model parameter"
 
 
+def test_on_the_vae_it_is_the_hand_written_diagonal_normal_guide():
+    """Same seed, same options: the auto guide's shared network and head are the hand-written encoder's layers,
+    drawn in the same order, so q(z|x) is the same function (and training follows the same path)."""
+    opts = {**SMALL_NET, "x_dim": 16}
+    x = torch.bernoulli(torch.full((5, 16), 0.4))
+    model = make_component(MODELS, "vae", "model", opts)
+    fns = []
+    for name in ("diagonal-normal", "auto"):
+        torch.manual_seed(3)
+        guide = make_component(GUIDES, name, "guide", opts, model=model, example=(x, {}))
+        fns.append(_trace(guide, x).nodes["z"]["fn"].base_dist)
+    assert torch.equal(fns[0].loc, fns[1].loc) and torch.equal(fns[0].scale, fns[1].scale)
+
+
 ZOO_ESTIMATORS = [(m, e) for m in sorted(MODELS) for e in sorted(ESTIMATORS)]
 
 
