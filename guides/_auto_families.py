@@ -34,8 +34,15 @@ def base_constraint(c):
 
 
 def support_name(c) -> str:
-    """A support's short name: ``positive``-like constraints by their class (GreaterThan, Interval, Simplex)."""
-    return type(base_constraint(c)).__name__.strip("_")
+    """A support's short name: "positive", "interval(0.0, 1.0)", "Simplex"; the class name where a bound is a tensor."""
+    c = base_constraint(c)
+    lower, upper = getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)
+    if not (torch.is_tensor(lower) or torch.is_tensor(upper)):
+        if isinstance(c, (constraints._GreaterThan, constraints._GreaterThanEq)):
+            return "positive" if lower == 0 else f"greater than {lower}"
+        if isinstance(c, (constraints._Interval, constraints._HalfOpenInterval)):
+            return f"interval({lower}, {upper})"
+    return type(c).__name__.strip("_")
 
 
 def is_real(c) -> bool:
