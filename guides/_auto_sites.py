@@ -8,6 +8,7 @@ refused here, in one line naming the site, before any network is built.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 
@@ -98,9 +99,17 @@ def _numel(shape) -> int:
     return n
 
 
-def _seeded_trace(model, x, kwargs, seed: int) -> poutine.Trace:
-    with torch.random.fork_rng(devices=[]):
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Every generator (CPU and each CUDA device) seeded with ``seed`` inside, and restored afterwards."""
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
+        yield
+
+
+def _seeded_trace(model, x, kwargs, seed: int) -> poutine.Trace:
+    with seeded(seed):
         return _trace(model, x, **kwargs)
 
 

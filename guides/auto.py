@@ -16,7 +16,7 @@ from torch import nn
 from pyro_vae.nets import ACTIVATIONS, mlp
 
 from ._auto_families import SiteError, continuous, discrete, out_dim, support_name, uses_iaf
-from ._auto_sites import ProgramSpec, SiteSpec, read_model
+from ._auto_sites import ProgramSpec, SiteSpec, read_model, seeded
 from .flow import iaf_steps
 
 FAMILIES = ("diagonal", "lowrank", "iaf")
@@ -187,8 +187,7 @@ class AutoAmortized(PyroModule):
         if x is None:
             raise ValueError("AutoAmortized is an encoder q(z|x): it needs the data x")
         if not self.built:
-            with torch.random.fork_rng(devices=[]), poutine.block():
-                torch.manual_seed(self._init_seed)
+            with seeded(self._init_seed), poutine.block():
                 self._build(x, kwargs)
         h = self.trunk(self._encoder_input(x, kwargs))
         data = pyro.plate("data", x.shape[0], dim=-1)
