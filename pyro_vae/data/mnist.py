@@ -19,7 +19,9 @@ import numpy as np
 
 from pyro_vae.errors import UserError
 
-from .arrays import Split, one_line as _one_line
+from .arrays import Split
+from .arrays import one_line as _one_line
+
 
 @dataclass(frozen=True)
 class _Fingerprint:

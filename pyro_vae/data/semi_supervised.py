@@ -6,8 +6,9 @@ from typing import Iterator
 
 import torch
 
-from .arrays import ArrayDataset
 from pyro_vae.errors import UserError
+
+from .arrays import ArrayDataset
 
 
 def balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
