@@ -33,7 +33,7 @@ class AutoAmortizedConfig:
     num_flows: int = 2                      # of the IAF family
     flow_hidden: tuple[int, ...] | None = None
     context_dim: int = 50                   # IAF: size of the context each flow step sees
-    head_hidden: tuple[int, ...] | None = None  # None: () for the first head, (hidden[-1],) for later ones
+    head_hidden: tuple[int, ...] = ()       # hidden layers of each head; (): linear in [h(x), earlier sites]
     input_transform: str = "auto"           # "auto": log1p where every observed site holds counts
     enumerate: str | None = "parallel"      # mark for enumerable discrete sites the model leaves unmarked
     init_scale: float = 0.1                 # starting scale of the global (non-amortized) Normals
@@ -49,7 +49,7 @@ class AutoAmortizedConfig:
             raise ValueError(f"enumerate must be None, 'parallel' or 'sequential', got {self.enumerate!r}")
         if int(self.rank) < 1 or int(self.num_flows) < 0 or int(self.context_dim) < 1 or not self.init_scale > 0:
             raise ValueError("rank and context_dim must be >= 1, num_flows >= 0 and init_scale > 0")
-        if any(int(h) <= 0 for h in (*self.hidden, *(self.head_hidden or ()))):
+        if any(int(h) <= 0 for h in (*self.hidden, *self.head_hidden)):
             raise ValueError(f"layer sizes must be positive, got hidden={self.hidden}, head_hidden={self.head_hidden}")
 
 
@@ -72,8 +72,10 @@ class AutoAmortized(PyroModule):
     ``log1p`` where every observed site holds counts -- and one head per latent site, in the model's
     order, gives that site's distribution. With ``structured`` (the default) each head also sees the
     values of the sites drawn before it (unconstrained, one-hot where categorical), so the guide
-    q(z_1|x) q(z_2|x, z_1) ... can follow a hierarchical model's dependence (Sonderby et al. 2016's
-    top-down inference, in the model's order).
+    q(z_1|x) q(z_2|x, z_1) ... can follow a hierarchical model's dependence (top-down, in the model's
+    order, as in Sonderby et al. 2016). Heads are linear by default (``head_hidden``), as the linear
+    dependencies of Pyro's AutoStructured, and their weights on the earlier sites start at 0: the
+    guide starts mean-field and learns the dependence.
 
     Families, per site:
     - real support: Normal(mu, diag sigma^2) (``family="diagonal"``), low-rank plus diagonal
@@ -150,10 +152,14 @@ class AutoAmortized(PyroModule):
         for spec in program.sites:
             if spec.local:
                 spec.index = len(heads)
-                between = c.head_hidden if c.head_hidden is not None else (hidden[-1:] if seen and hidden else ())
-                head = mlp([trunk_out + seen, *between, out_dim(spec, c)], c.activation)
+                head = mlp([trunk_out + seen, *c.head_hidden, out_dim(spec, c)], c.activation)
                 with torch.no_grad():  # start each head at the prior's location
                     head[-1].bias[:spec.init.numel()] += spec.init.to(head[-1].bias.dtype)
+                    if seen:
+                        # the weights on earlier sites start at 0: the guide starts mean-field and learns the
+                        # dependence (from random weights, the earlier draws are noise that the head follows,
+                        # and the two-layer VAE on MNIST stalled ~40 nats worse)
+                        head[0].weight[:, trunk_out:] = 0.0
                     if c.family == "lowrank" and not spec.discrete and spec.kind != "point":
                         # a zero factor is a stationary point of F F^T: start it away from 0
                         head[-1].bias[2 * spec.free_dim:].normal_(0.0, 0.5)

@@ -441,14 +441,24 @@ def test_cvae_labels_enter_the_encoder_one_hot():
 
 @pytest.mark.parametrize("structured", [True, False])
 def test_structured_heads_see_the_sites_drawn_before_them(structured):
+    """z1's head reads [h(x), z2] when structured; its weights on z2 start at 0 (a mean-field start) and move."""
     torch.manual_seed(0)
     model = TwoLayerVAE(TwoLayerVAE.Config(x_dim=16, latent_dim=2, z1_dim=3, hidden=(8,), top_hidden=(8,)))
-    x = torch.bernoulli(torch.full((4, 16), 0.4))
+    x = torch.bernoulli(torch.full((20, 16), 0.4))
     guide = AutoAmortized(model, AutoAmortized.Config(hidden=(16,), structured=structured), example=x)
     assert [s.name for s in guide.sites] == ["z2", "z1"]  # the model's order
-    locs = [poutine.trace(poutine.condition(guide, data={"z2": torch.full((4, 2), v)})).get_trace(x)
-            .nodes["z1"]["fn"].base_dist.loc for v in (-2.0, 2.0)]
-    assert torch.allclose(locs[0], locs[1]) != structured
+    assert guide.heads[1][0].in_features == 16 + (2 if structured else 0)
+
+    def z1_locs():
+        return [poutine.trace(poutine.condition(guide, data={"z2": torch.full((20, 2), v)})).get_trace(x)
+                .nodes["z1"]["fn"].base_dist.loc for v in (-2.0, 2.0)]
+
+    assert torch.allclose(*z1_locs())  # at the start: mean-field
+    with pyro.get_param_store().scope():
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=ESTIMATORS["elbo"]())
+        for _ in range(5):
+            svi.step(x)
+    assert torch.allclose(*z1_locs()) != structured
 
 
 # ---- global latents, point masses ----------------------------------------------------------------------
