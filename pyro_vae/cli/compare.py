@@ -5,6 +5,7 @@ import argparse
 import csv
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,20 @@ from pyro_vae.training.run_dir import RunDir
 
 OPTION_ALIASES = {"k": "num_particles", "particles": "num_particles"}
 SNR_KS = (1, 5, 50)
+# The gradient SNR's repeats scale with the training budget: its gradient draws cost at most SNR_SHARE of
+# the training's (counted in particle-points, forward and backward alike), within [SNR_MIN, SNR_MAX].
+SNR_SHARE, SNR_MIN, SNR_MAX = 0.1, 10, 50
+
+
+def auto_snr_repeats(trained_images: int, batch: int, k: int, has_k: bool) -> int:
+    """Repeats for the gradient SNR so that its draws cost about SNR_SHARE of the training's.
+
+    Training evaluated trained_images x k particle-points; one repeat of the SNR evaluates ``batch``
+    points at the estimator's k and, for estimators with particles, at each K of SNR_KS as well.
+    Deterministic: the same run spec always gets the same repeats."""
+    trained = trained_images * k
+    per_repeat = batch * (k + (sum(SNR_KS) if has_k else 0))
+    return int(min(SNR_MAX, max(SNR_MIN, SNR_SHARE * trained // per_repeat)))
 
 
 def parse_estimators(text: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -50,9 +65,13 @@ def parse_estimators(text: str) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], out: Path, *,
-            eval_samples: int, eval_points: int | None, snr_repeats: int = 50, quiet: bool = False) -> list[dict]:
-    from pyro_vae.cli.experiment import train_run_objects
+            eval_samples: int, eval_points: int | None, snr_repeats: int | None = None,
+            quiet: bool = False) -> list[dict]:
+    from pyro_vae.cli.experiment import check_spec, train_run_objects
 
+    specs = [dataclasses.replace(base, estimator=name, estimator_options=options) for _, name, options in estimators]
+    for spec in specs:  # every run's needs, before the first one trains or a folder is made
+        check_spec(spec, eval_points=eval_points)
     RunDir(out).create(fresh=False)
     rows = []
     for label, name, options in estimators:
@@ -66,21 +85,27 @@ def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], ou
                                  device=device))
         kw = eval_kwargs(model, y)
         est = make_estimator(ESTIMATORS, name, options)
-        snr = gradient_snr(model, guide, est, x, snr_repeats, **kw)
-        snr_k = {}
-        if "num_particles" in ESTIMATORS[name].__dataclass_fields__:
+        has_k = "num_particles" in ESTIMATORS[name].__dataclass_fields__
+        trained = round(sum(r["images_per_s"] * r["seconds"] for r in history.rows))
+        repeats = snr_repeats or auto_snr_repeats(trained, x.shape[0], getattr(est, "num_particles", 1), has_k)
+        curve = {}
+        if has_k:
             for k in SNR_KS:
                 other = make_estimator(ESTIMATORS, name, {**options, "num_particles": k})
-                snr_k[k] = gradient_snr(model, guide, other, x, snr_repeats, **kw)["encoder"]
+                curve[k] = gradient_snr(model, guide, other, x, repeats, **kw)
+        # the curve already holds the estimator itself where its K is one of SNR_KS
+        snr = curve.get(est.num_particles) if has_k else None
+        snr = snr or gradient_snr(model, guide, est, x, repeats, **kw)
+        snr_k = {k: v["encoder"] for k, v in curve.items()}
         rows.append({
             "estimator": label,
             "test_elbo": summary["elbo"], "test_elbo_se": summary["elbo_se"],
             "nll": summary["nll"], "nll_se": summary["log_likelihood_se"],
             "kl": mean_kl(model, guide, test, device=device),
-            "active_units": active_units(guide, test, device=device)[0],
+            "active_units": active_units(guide, test, device=device, model=model)[0],
             "seconds_per_epoch": sum(r["seconds"] for r in history.rows) / len(history.rows),
             "images_per_s": sum(r["images_per_s"] for r in history.rows) / len(history.rows),
-            "encoder_snr": snr["encoder"], "decoder_snr": snr["decoder"],
+            "encoder_snr": snr["encoder"], "decoder_snr": snr["decoder"], "snr_repeats": repeats,
             "_curve": [(r["epoch"], r.get("test_elbo", math.nan)) for r in history.rows],
             "_snr_k": snr_k,
         })
@@ -90,7 +115,7 @@ def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], ou
 
 
 COLUMNS = ["estimator", "test_elbo", "test_elbo_se", "nll", "nll_se", "kl", "active_units",
-           "seconds_per_epoch", "images_per_s", "encoder_snr", "decoder_snr"]
+           "seconds_per_epoch", "images_per_s", "encoder_snr", "decoder_snr", "snr_repeats"]
 
 
 def write_table(rows: list[dict], out: Path, base: RunSpec, eval_samples: int, eval_points: int | None) -> None:
@@ -101,7 +126,9 @@ def write_table(rows: list[dict], out: Path, base: RunSpec, eval_samples: int, e
     t = base.train
     lines = [f"Budget: {t.epochs} epochs, batch {t.batch_size}, Adam lr {t.lr}, seed {t.seed}; data "
              f"{base.data.get('name')} ({base.data.get('binarize')}); test NLL by IS with K={eval_samples} on "
-             f"{eval_points or 'all'} test points. Nats per image; ± is one standard error over test points.", "",
+             f"{eval_points or 'all'} test points. Nats per image; ± is one standard error over test points. "
+             f"Gradient SNR from {', '.join(sorted({str(r['snr_repeats']) for r in rows}))} gradient draws on "
+             "one test batch.", "",
              "| estimator | test ELBO | test NLL | KL | active units | s/epoch | images/s | encoder SNR | decoder SNR |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -164,6 +191,10 @@ def command(a: argparse.Namespace) -> None:
 
     distributed.refuse("compare")
     estimators = parse_estimators(a.estimators)
+    for label, name, options in estimators:
+        note = getattr(make_estimator(ESTIMATORS, name, options), "note", None)
+        if note:
+            print(f"pyro-vae: note: {label}: {note}", file=sys.stderr)
     spec = spec_from_args(a)
     out = a.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     compare(spec, estimators, out, eval_samples=a.eval_samples, eval_points=a.eval_points,

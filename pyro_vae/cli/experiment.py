@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pyro_vae.analysis.evaluation import Evaluation, classification_accuracy, evaluate, no_likelihood_reason
+from pyro_vae.cli.preflight import check_run
 from pyro_vae.cli.runs import RunSpec, make_component, make_estimator, read_spec, versions
 from pyro_vae.data import ArrayDataset, PartiallyLabeled, load_dataset
 from pyro_vae.errors import UserError
@@ -22,6 +23,7 @@ from pyro_vae.training import distributed
 from pyro_vae.training.checkpoint import LATEST, load_checkpoint
 from pyro_vae.training.device import resolve_device
 from pyro_vae.training.fit import History, fit
+from pyro_vae.training.rng import seeded
 from pyro_vae.training.run_dir import CONFIG, EVALUATION, RunDir
 
 
@@ -64,8 +66,7 @@ def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
         options["image_shape"] = tuple(image_shape)
     if num_classes is not None:
         options.setdefault("num_classes", num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.train.seed)
+    with seeded(spec.train.seed):  # built on the CPU: only the CPU generator is seeded, and put back
         model = make_component(MODELS, spec.model, "model", options)
         needs = getattr(GUIDES.get(spec.guide), "built_from_model", False)
         example = example_batch(model, train) if needs and train is not None else None
@@ -76,11 +77,13 @@ def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
 
 def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_points: int | None,
                       resume: bool = False, quiet: bool = False):
-    """Train, plot and evaluate one run; returns (run, model, guide, test data, history, evaluation summary)."""
+    """Train, plot and evaluate one run; returns (run, model, guide, test data, history, evaluation summary).
+
+    Everything the run will need (``preflight.check_run``) is checked before its folder is made; a run
+    refused by ``fit`` before its first checkpoint leaves no folder behind either."""
     world = distributed.join(resolve_device(spec.train.device))
-    run = distributed.on_main(world, lambda: RunDir(out).create(fresh=not resume)) or RunDir(out)
     if resume:
-        saved = read_spec(run)
+        saved = read_spec(RunDir(out))
         if saved.to_dict() | {"train": {}} != spec.to_dict() | {"train": {}}:
             raise UserError(f"--resume {out}: the run was made with another model/data config; "
                             f"resume it with the options in {out / CONFIG}")
@@ -94,15 +97,44 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
     train, test = loaded if world.main else load_data(spec)
     model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train), train)
     device = distributed.device_for(world, resolve_device(spec.train.device))
-    distributed.on_main(world, lambda: run.write_json(CONFIG, {
-        "spec": spec.to_dict(), "versions": versions(device), "estimator": repr(estimator),
-        **({"processes": world.size} if world.active else {})}))
-    history = fit(model, guide, estimator, train, test, spec.train, run_dir=run, resume=resume,
-                  run_config=spec.to_dict(), quiet=quiet, world=world)
+    check_run(model, guide, estimator, train, test.head(eval_points) if eval_points else test, device)
+    made = not Path(out).exists()
+    run = distributed.on_main(world, lambda: RunDir(out).create(fresh=not resume)) or RunDir(out)
+    try:
+        distributed.on_main(world, lambda: run.write_json(CONFIG, {
+            "spec": spec.to_dict(), "versions": versions(device), "estimator": repr(estimator),
+            **({"processes": world.size} if world.active else {})}))
+        history = fit(model, guide, estimator, train, test, spec.train, run_dir=run, resume=resume,
+                      run_config=spec.to_dict(), quiet=quiet, world=world)
+    except UserError:
+        if made and world.main:
+            _remove_if_unused(run.path)
+        raise
     distributed.on_main(world, lambda: write_plots(run, model, guide, test, history, device))
     summary = evaluate_run(run, model, guide, test, eval_samples, eval_points, device, spec.train.seed, quiet,
                            world)
     return run, model, guide, test, history, summary
+
+
+def _remove_if_unused(path: Path) -> None:
+    """A folder this run made, refused before its first checkpoint: remove what the run wrote (its config)
+    and the folder if nothing else is in it."""
+    if (path / "checkpoint.pt").exists():
+        return
+    (path / CONFIG).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:  # something else is in it: leave it
+        pass
+
+
+def check_spec(spec: RunSpec, *, eval_points: int | None) -> None:
+    """``preflight.check_run`` for the run ``spec`` describes, without training it (what ``compare`` checks
+    for every estimator before the first one trains)."""
+    train, test = load_data(spec)
+    model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train))
+    check_run(model, guide, estimator, train, test.head(eval_points) if eval_points else test,
+              resolve_device(spec.train.device))
 
 
 def train_run(spec: RunSpec, out: Path, *, resume: bool, quiet: bool,

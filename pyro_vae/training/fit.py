@@ -148,7 +148,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
             raise TrainingDiverged(f"parameters became non-finite at epoch {pos.epoch}, step {pos.step}; "
                                    f"stopped, the last good checkpoint in {run_dir.path} is kept")
         nonlocal rank_rngs
-        rank_rngs = dist.gather_objects(world, rng_state()) if world.active else None
+        rank_rngs = dist.gather_objects(world, rng_state(device)) if world.active else None
         failed = None
         if world.main:
             try:
@@ -162,7 +162,7 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
         save_checkpoint(run_dir.path, {
             "model": model.state_dict(), "guide": guide.state_dict(), "optimizer": optim.get_state(),
             "epoch": pos.epoch, "batch": pos.batch, "step": pos.step, "partial": [pos.total, pos.seen, pos.seconds],
-            "epoch_rng": pos.epoch_rng, "rng": rng_state(), "data_rng": data_gen.get_state(),
+            "epoch_rng": pos.epoch_rng, "rng": rng_state(device), "data_rng": data_gen.get_state(),
             "metrics": history.rows, "config": run_config or {}, "world_size": world.size,
             **({"rank_rng": rank_rngs} if world.active else {})})
         run_dir.write_metrics(history.rows)
@@ -207,11 +207,11 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                 data_gen.set_state(ckpt["data_rng"])
             rngs = ckpt.get("rank_rng")
             if rngs and world.rank < len(rngs):
-                set_rng_state(rngs[world.rank])
+                set_rng_state(rngs[world.rank], device)
             elif world.rank == 0:
-                set_rng_state(ckpt["rng"])
+                set_rng_state(ckpt["rng"], device)
             else:  # more ranks than the checkpoint has streams for: a new stream of its own
-                set_rng_state(ckpt["rng"])
+                set_rng_state(ckpt["rng"], device)
                 pyro.set_rng_seed(int(np.random.SeedSequence([config.seed, world.rank, pos.step]).generate_state(1)[0]))
         if config.replay or world.active:
             loss = Replayed(estimator, compile=config.compile) if config.replay else estimator
@@ -263,10 +263,10 @@ def fit(model: torch.nn.Module, guide: torch.nn.Module, estimator: Callable, tra
                    "images_per_s": pos.seen / pos.seconds}
             if test_data is not None:
                 # a fixed seed keeps the test bound comparable across epochs and untouched by training RNG
-                state = rng_state()
+                state = rng_state(device)
                 pyro.set_rng_seed(config.seed + 1)
                 row["test_elbo"] = test_bound(svi, test_data, max(config.batch_size, 500), device, config.seed, world)
-                set_rng_state(state)
+                set_rng_state(state, device)
             history.rows.append(row)
             pos = _Position(epoch, 0, pos.step)
             save()
