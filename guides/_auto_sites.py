@@ -227,8 +227,12 @@ def _continuous_spec(name, site, again, local, kwarg) -> SiteSpec:
                     batch_shape=() if local else tuple(fn.batch_shape), frames=frames, init=init)
 
 
-def read_model(model, x: torch.Tensor, kwargs: dict, enumerate_mode: str | None) -> ProgramSpec:
-    """The latent sites of ``model(x, **kwargs)`` in the model's order, and the encoder's inputs."""
+def read_model(model, x: torch.Tensor, kwargs: dict, enumerate_mode: str | None,
+               model_enumerated: str = "guide") -> ProgramSpec:
+    """The latent sites of ``model(x, **kwargs)`` in the model's order, and the encoder's inputs.
+
+    With ``model_enumerated="model"``, a discrete site the model itself marks ``infer={"enumerate": ...}``
+    gets no guide site: it is summed out in the model (a mixture prior written the natural way)."""
     batch = x.shape[0]
     with poutine.block(), pyro.validation_enabled(False):
         first, second = _seeded_trace(model, x, kwargs, 0), _seeded_trace(model, x, kwargs, 1)
@@ -239,7 +243,7 @@ def read_model(model, x: torch.Tensor, kwargs: dict, enumerate_mode: str | None)
                         "needs a program whose sites do not depend on random draws")
     tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
     signature = _signature(model)
-    specs, counts, observed = [], True, 0
+    specs, counts, observed, left = [], True, 0, 0
     for name, site in sites.items():
         local = _data_plate(site, name, batch)
         kwarg = None
@@ -253,11 +257,14 @@ def read_model(model, x: torch.Tensor, kwargs: dict, enumerate_mode: str | None)
         elif local:
             with poutine.block(), pyro.validation_enabled(False):
                 kwarg = _observing_kwarg(model, x, kwargs, name, site, signature)
-        if site["fn"].support.is_discrete:
+        if site["fn"].support.is_discrete and model_enumerated == "model" and site["infer"].get("enumerate") \
+                and not site["is_observed"]:
+            left += 1
+        elif site["fn"].support.is_discrete:
             specs.append(_discrete_spec(name, site, local, kwarg, enumerate_mode))
         else:
             specs.append(_continuous_spec(name, site, again[name], local, kwarg))
-    if not specs:
+    if not specs and not left:
         raise SiteError("the model has no latent sites: there is nothing for a guide to infer")
     conditioned = {s.kwarg for s in specs}
     encoder = []

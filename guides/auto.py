@@ -36,6 +36,7 @@ class AutoAmortizedConfig:
     head_hidden: tuple[int, ...] = ()       # hidden layers of each head; (): linear in [h(x), earlier sites]
     input_transform: str = "auto"           # "auto": log1p where every observed site holds counts
     enumerate: str | None = "parallel"      # mark for enumerable discrete sites the model leaves unmarked
+    model_enumerated: str = "guide"         # a site the model marks for enumeration: "guide" (a head) or "model"
     init_scale: float = 0.1                 # starting scale of the global (non-amortized) Normals
 
     def __post_init__(self) -> None:
@@ -45,6 +46,8 @@ class AutoAmortizedConfig:
             raise ValueError(f"input_transform must be one of {', '.join(INPUT_TRANSFORMS)}, got {self.input_transform!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(sorted(ACTIVATIONS))}")
+        if self.model_enumerated not in ("guide", "model"):
+            raise ValueError(f"model_enumerated must be 'guide' or 'model', got {self.model_enumerated!r}")
         if self.enumerate not in (None, "parallel", "sequential"):
             raise ValueError(f"enumerate must be None, 'parallel' or 'sequential', got {self.enumerate!r}")
         if int(self.rank) < 1 or int(self.num_flows) < 0 or int(self.context_dim) < 1 or not self.init_scale > 0:
@@ -87,7 +90,8 @@ class AutoAmortized(PyroModule):
       log q(z) = log q(u) - log|det dz/du| exactly (the ADVI construction, Kucukelbir et al. 2017);
     - Bernoulli, Categorical, OneHotCategorical latents: an amortized head of the same family, with
       the model site's ``infer`` config copied; enumerable sites the model leaves unmarked are marked
-      ``enumerate`` (``"parallel"`` by default) so ``enum-elbo`` sums them out;
+      ``enumerate`` (``"parallel"`` by default) so ``enum-elbo`` sums them out; a site the model
+      marks itself gets no guide site with ``model_enumerated="model"`` (summed out in the model);
     - a site whose log-density the model masks out entirely (``poutine.mask(mask=False)``, a plain
       autoencoder's prior) gets a masked point mass, as the ``point`` guide; ``has_density`` is then
       False;
@@ -137,7 +141,7 @@ class AutoAmortized(PyroModule):
             raise ValueError("AutoAmortized reads the model on a batch of data: pass example=x")
         model = self.__dict__["_model"]
         try:
-            program = read_model(model, x, kwargs, self.config.enumerate)
+            program = read_model(model, x, kwargs, self.config.enumerate, self.config.model_enumerated)
         except SiteError as e:
             raise SiteError(f"AutoAmortized cannot build a guide for {type(model).__name__}: {e}") from None
         c = self.config
@@ -217,7 +221,7 @@ class AutoAmortized(PyroModule):
 
     def _encoder_input(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         n, program = x.shape[0], self._program
-        dtype = next(self.parameters()).dtype
+        dtype = next(self.parameters(), x if x.is_floating_point() else torch.empty(0)).dtype
         flat = x.reshape(n, -1).to(dtype)
         if flat.shape[1] != program.x_width:
             raise ValueError(f"AutoAmortized was built for data of {program.x_width} values per point, got "
