@@ -64,6 +64,12 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([p.expand(*batch, p.shape[-1]) for p in parts], -1)
 
 
+def _plate(plates: dict, name: str, size: int, dim: int) -> pyro.plate:
+    if name not in plates:
+        plates[name] = pyro.plate(name, size, dim=dim)
+    return plates[name]
+
+
 class AutoAmortized(PyroModule):
     """q(z|x) built from the model's own sites: an amortized guide nobody has to write.
 
@@ -200,7 +206,8 @@ class AutoAmortized(PyroModule):
             with seeded(self._init_seed), poutine.block():
                 self._build(x, kwargs)
         h = self.trunk(self._encoder_input(x, kwargs))
-        data = pyro.plate("data", x.shape[0], dim=-1)
+        # one object per plate, made when first needed: making a plate records its subsample site
+        plates: dict[str, pyro.plate] = {}
         seen: list[torch.Tensor] = []
         values = {}
         for spec in self.sites:
@@ -210,10 +217,10 @@ class AutoAmortized(PyroModule):
                 value = given
             elif spec.local:
                 out = self.heads[spec.index](_cat([h, *seen]) if seen else h)
-                with data:
+                with _plate(plates, "data", x.shape[0], -1):
                     value, free = self._sample_local(spec, out)
             else:
-                value, free = self._sample_global(spec)
+                value, free = self._sample_global(spec, plates)
             if self.config.structured and (spec.local or spec.batch_shape == ()):
                 seen.append(spec.features(value, free).to(h.dtype))
             values[spec.name] = value
@@ -251,13 +258,13 @@ class AutoAmortized(PyroModule):
         # the value as the program goes on with it (a replayed one, too); the cache gives a draw its own u
         return value, None if t is None else t.inv(value)
 
-    def _sample_global(self, spec: SiteSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _sample_global(self, spec: SiteSpec, plates: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         loc = self.global_locs[spec.index]
         scale = nn.functional.softplus(self.global_scales[spec.index])
         t = spec.transform()
-        with ExitStack() as plates:
+        with ExitStack() as stack:
             for name, size, dim in spec.frames:
-                plates.enter_context(pyro.plate(name, size, dim=dim))
+                stack.enter_context(_plate(plates, name, size, dim))
             if spec.kind == "point":
                 with poutine.mask(mask=False):
                     value = pyro.sample(spec.name, dist.Delta(t(loc) if t is not None else loc,

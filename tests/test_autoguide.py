@@ -513,6 +513,26 @@ def test_global_latents_get_a_non_amortized_normal_and_importance_weights_refuse
         ESTIMATORS["iwae"]()(model, guide, x)
 
 
+def test_global_latents_in_a_shared_plate_of_their_own():
+    """Per-feature loadings w (Normal) and noise scales s (Gamma) in one plate outside the data plate."""
+    def body(x):
+        features = pyro.plate("features", 3, dim=-1)
+        with features:
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            s = pyro.sample("s", dist.Gamma(2.0, 2.0))
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z.unsqueeze(-1) * w.unsqueeze(-2), s.unsqueeze(-2)).to_event(1), obs=x)
+    model, x = _program(body), torch.randn(5, 3)
+    guide = AutoAmortized(model, SMALL, example=x)
+    assert [(s.name, s.local, s.frames) for s in guide.sites] == [
+        ("w", False, (("features", 3, -1),)), ("s", False, (("features", 3, -1),)), ("z", True, ())]
+    tr = _trace(guide, x)
+    assert tr.nodes["w"]["value"].shape == (3,) and bool((tr.nodes["s"]["value"] > 0).all())
+    check_pairing(model, guide, x)
+    assert math.isfinite(SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=ESTIMATORS["elbo"]()).step(x))
+
+
 def test_autoencoder_masked_prior_gets_a_point_mass_without_density():
     model = make_component(MODELS, "autoencoder", "model", {**SMALL_NET, "x_dim": 16})
     x = torch.bernoulli(torch.full((5, 16), 0.4))
