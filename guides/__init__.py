@@ -5,6 +5,7 @@ Importable only as ``pyro_vae.guides`` (see models/__init__.py for why).
 if __name__ != "pyro_vae.guides":  # pragma: no cover
     raise ImportError("import this package as pyro_vae.guides, not as guides")
 
+from .auto import AutoAmortized
 from .bernoulli import BernoulliGuide
 from .conditional import ConditionalGuide
 from .conv import ConvGuide
@@ -17,6 +18,7 @@ from .relaxed_bernoulli import RelaxedBernoulliGuide
 from .two_layer import TwoLayerGuide
 
 GUIDES = {
+    "auto": AutoAmortized,
     "diagonal-normal": DiagonalNormalGuide,
     "conditional": ConditionalGuide,
     "m2": M2Guide,
@@ -29,4 +31,4 @@ GUIDES = {
     "relaxed-bernoulli": RelaxedBernoulliGuide,
 }
 
-__all__ = ["BernoulliGuide", "ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "RelaxedBernoulliGuide", "TwoLayerGuide"]
+__all__ = ["AutoAmortized", "BernoulliGuide", "ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "RelaxedBernoulliGuide", "TwoLayerGuide"]

@@ -18,7 +18,7 @@ from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import MODELS
 from pyro_vae.plots import run as plots
-from pyro_vae.programs.labels import label_use
+from pyro_vae.programs.labels import label_use, train_kwargs
 from pyro_vae.training import distributed
 from pyro_vae.training.checkpoint import LATEST, load_checkpoint
 from pyro_vae.training.device import resolve_device
@@ -46,12 +46,21 @@ def classes_of(data: ArrayDataset) -> int | None:
     return max(2, int(known.max()) + 1) if known is not None and known.numel() else None
 
 
+def example_batch(model, data: ArrayDataset, size: int = 64) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The first ``size`` training points, with the keyword arguments a training step would pass: what a
+    guide built from the model (``built_from_model``) reads the model on. Drawn from a generator of its
+    own, so building never moves the run's random streams."""
+    x, y = next(data.batches(min(len(data), size), shuffle=False, generator=torch.Generator().manual_seed(0)))
+    return x, train_kwargs(model, y)
+
+
 def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
-          num_classes: int | None = None):
+          num_classes: int | None = None, train: ArrayDataset | None = None):
     """The run's model, guide and estimator; the networks' initial weights depend on the seed alone.
 
     ``x_dim``, ``image_shape`` and ``num_classes`` (from the training labels, unless the network options
-    set it) go to every component whose config has such a field."""
+    set it) go to every component whose config has such a field. A guide built from the model reads
+    it on an example batch of ``train``."""
     options = {**spec.network, "x_dim": x_dim}
     if image_shape is not None:
         options["image_shape"] = tuple(image_shape)
@@ -59,7 +68,9 @@ def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
         options.setdefault("num_classes", num_classes)
     with seeded(spec.train.seed):  # built on the CPU: only the CPU generator is seeded, and put back
         model = make_component(MODELS, spec.model, "model", options)
-        guide = make_component(GUIDES, spec.guide, "guide", options)
+        needs = getattr(GUIDES.get(spec.guide), "built_from_model", False)
+        example = example_batch(model, train) if needs and train is not None else None
+        guide = make_component(GUIDES, spec.guide, "guide", options, model=model, example=example)
     estimator = make_estimator(ESTIMATORS, spec.estimator, spec.estimator_options)
     return model, guide, estimator
 
@@ -84,7 +95,7 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
     # rank 0 downloads and caches the data first, so the ranks never write the same files at once
     loaded = distributed.on_main(world, lambda: load_data(spec))
     train, test = loaded if world.main else load_data(spec)
-    model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train))
+    model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train), train)
     device = distributed.device_for(world, resolve_device(spec.train.device))
     check_run(model, guide, estimator, train, test.head(eval_points) if eval_points else test, device)
     made = not Path(out).exists()
@@ -174,7 +185,7 @@ def load_run(path: Path, device_name: str):
     spec = read_spec(run)
     ckpt = load_checkpoint(run.path / LATEST)
     train, test = load_data(spec)
-    model, guide, _ = build(spec, test.dim, test.image_shape, classes_of(train))
+    model, guide, _ = build(spec, test.dim, test.image_shape, classes_of(train), train)
     try:
         model.load_state_dict(ckpt["model"])
         guide.load_state_dict(ckpt["guide"])
