@@ -133,8 +133,10 @@ def _expected_refusal(model_name, estimator, guide_trace) -> str | None:
     weighted = estimator in ("iwae", "dreg", "stl", "renyi")
     if (weighted or estimator == "analytic-kl") and discrete:
         return "reparameterizable"
-    if weighted and model_name == "beta-vae":
+    if (weighted or estimator in ("vimco", "rws")) and model_name == "beta-vae":
         return "unscaled"
+    if estimator == "rws" and model_name == "autoencoder":
+        return "point mass"
     return None
 
 

@@ -617,3 +617,15 @@ def test_vimco_and_rws_say_once_that_they_ignore_a_baseline(problem, name):
         warnings.simplefilter("error")
         instance(name)(model, nvil, x)  # once
         TraceGraph()(model, make_guide(baseline_hidden=(4,)), x)  # tracegraph uses it: no warning
+
+
+def test_rws_refuses_a_point_mass_guide_whose_wake_phi_gradient_is_zero():
+    from pyro_vae.guides import PointGuide
+    from pyro_vae.models import Autoencoder
+
+    model = Autoencoder(Autoencoder.Config(x_dim=X_DIM, latent_dim=2, hidden=(8,)))
+    guide = PointGuide(PointGuide.Config(x_dim=X_DIM, latent_dim=2, hidden=(8,)))
+    x = (torch.rand(4, X_DIM, generator=torch.Generator().manual_seed(0)) < 0.4).to(next(model.parameters()).dtype)
+    with pytest.raises(UserError, match=r"rws trains the guide .* z is a point mass \(Delta\).*use iwae or elbo"):
+        RWS(3)(model, guide, x)
+    assert math.isfinite(VIMCO(3)(model, guide, x).item())  # the reparameterized point mass trains under vimco

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
@@ -13,6 +14,23 @@ from pyro_vae.programs.sites import latent_sites, observed_sites, sample_sites
 
 from ._checks import warn_ignored_baselines
 from ._weights import _FixedDraws, _site_log_prob, check_num_particles, estimator_log_weights, plate_nesting
+
+
+def _is_point_mass(fn) -> bool:
+    while True:
+        if isinstance(fn, dist.Delta):
+            return True
+        if not hasattr(fn, "base_dist"):
+            return False
+        fn = fn.base_dist
+
+
+def _refuse_point_masses(guide_tr) -> None:
+    """A point mass's log q has no gradient in its parameters: wake-phi would never move the guide."""
+    points = [n for n in latent_sites(guide_tr) if _is_point_mass(guide_tr.nodes[n]["fn"])]
+    if points:
+        raise UserError(f"rws trains the guide through d log q(z|x) / d phi at fixed draws; {', '.join(points)} "
+                        f"is a point mass (Delta), which has none: use iwae or elbo")
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,7 @@ class RWS:
         log_w, (model_tr, guide_tr) = estimator_log_weights("rws", model, guide, k, args, kwargs,
                                                             reparameterized=False, fixed_draws=True)
         warn_ignored_baselines("rws", guide, guide_tr, "its wake-phase guide gradient has no score term to centre")
+        _refuse_point_masses(guide_tr)
         value = -(torch.logsumexp(log_w, 0) - math.log(k)).sum()
         if not log_w.requires_grad:
             return value
