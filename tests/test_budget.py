@@ -65,6 +65,8 @@ def test_an_evals_budget_is_met_exactly_whatever_the_particles(small_data, name)
     train, test = small_data
     counts = {}
     for k in (1, 3):
+        if k == 1 and name == "vimco":
+            continue  # its leave-one-out baseline needs K >= 2
         est = with_k(name, k)
         particles = getattr(est, "num_particles", 1)
         budget = 3 * (50 * 7 + 13)  # a multiple of 1 and 3 that no whole number of batches of 50 makes
@@ -72,7 +74,9 @@ def test_an_evals_budget_is_met_exactly_whatever_the_particles(small_data, name)
         counts[particles] = (hist.rows[-1]["evals"], hist.rows[-1]["step"])
     assert {c for c, _ in counts.values()} == {1089}
     if 3 in counts:  # K=3 sees a third of the points: 7 full batches and a last one cut to 13 points
-        assert counts[3][1] == 8 and counts[1][1] == 22
+        assert counts[3][1] == 8
+    if 1 in counts:
+        assert counts[1][1] == 22
 
 
 def test_a_resumed_run_continues_the_same_evals_budget(small_data, tmp_path):

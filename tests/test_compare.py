@@ -12,6 +12,7 @@ from conftest import write_npz
 from pyro_vae.cli import main
 from pyro_vae.cli.compare import parse_estimators
 from pyro_vae.errors import UserError
+from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.training import budget as budget_module
 
 UNCAPPED = ["--dataset", "fake", "--latent-dim", "2", "--hidden", "16", "--batch-size", "50", "--eval-samples", "20",
@@ -55,6 +56,8 @@ def test_compare_trains_each_estimator_and_writes_table_and_plots(fake_dataset, 
     labels = ["elbo", "analytic-kl", "iwae-k3", "dreg-k3", "stl", "renyi-alpha0.5-k3"]
     assert [r["estimator"] for r in rows if r["kind"] == "estimator"] == labels
     assert [(r["estimator"], r["seed"]) for r in rows if r["kind"] == "run"] == [(label, "0") for label in labels]
+    assert {r["snr_repeats"] for r in rows if r["kind"] == "run"} == {"5"}
+    assert "SNR from 5 gradient draws" in captured.out
     for r in rows:
         assert float(r["nll"]) > 0 and float(r["kl"]) > 0 and 0 <= float(r["active_units"]) <= 2
         assert -float(r["test_elbo"]) >= float(r["nll"]) - 1.0  # the ELBO is below log p(x) (MC slack)
@@ -192,7 +195,7 @@ def test_bad_budgets_get_one_line(capsys, budget, match):
 
 
 @pytest.mark.parametrize("text,match", [
-    ("elbo,nope", "unknown estimator 'nope'; known: analytic-kl, dreg, elbo, enum-elbo, iwae, renyi, stl"),
+    ("elbo,nope", f"unknown estimator 'nope'; known: {', '.join(sorted(ESTIMATORS))}"),
     ("iwae:beta=2", "has no option beta; its options: num_particles"),
     ("iwae:k", "is not key=value"),
     ("renyi:alpha=x", "needs a number"),
@@ -214,3 +217,14 @@ def test_train_with_estimator_options(fake_dataset, capsys, tmp_path):
     code = main(["train", "--estimator", "elbo", "--alpha", "0.5", "--out", str(tmp_path / "e"), *TINY])
     err = capsys.readouterr().err
     assert code == 2 and "estimator 'elbo' has no option alpha; its options: num_particles" in err
+
+
+def test_snr_repeats_scale_with_the_training_budget():
+    """The SNR's gradient draws cost about a tenth of the training's particle-points, within [10, 50]."""
+    from pyro_vae.cli.compare_run import SNR_KS, auto_snr_repeats
+
+    assert auto_snr_repeats(2000, 100, 1, True) == 10  # a tiny run: the floor, not 50
+    assert auto_snr_repeats(20 * 60000, 100, 5, True) == 50  # 20 MNIST epochs: the ceiling
+    n = 40 * 100 * (5 + sum(SNR_KS)) * 10 // 5  # exactly 40 repeats' worth at a tenth
+    assert auto_snr_repeats(n, 100, 5, True) == 40
+    assert auto_snr_repeats(n, 100, 5, False) > 40  # without a K curve each repeat is cheaper

@@ -131,3 +131,12 @@ def test_training_on_cuda_raises_the_elbo(small_data):
                quiet=True)
     assert next(model.parameters()).is_cuda
     assert hist.rows[-1]["test_elbo"] > hist.rows[0]["test_elbo"]
+
+
+def test_quiet_fit_prints_nothing(small_data, capsys):
+    train, test = small_data
+    fit(*pair(), ELBO(), train, test, TrainConfig(epochs=2, batch_size=100), quiet=True)
+    out, err = capsys.readouterr()
+    assert out == "" and err == "", (out, err)
+    fit(*pair(), ELBO(), train, test, TrainConfig(epochs=2, batch_size=100))
+    assert capsys.readouterr().out.count("train_elbo=") == 2  # not quiet: a line per epoch

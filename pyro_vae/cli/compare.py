@@ -90,7 +90,7 @@ def with_budget(train, budget: tuple[str, float] | None, epochs_given: bool):
 
 
 def plan(base: RunSpec, estimators, out: Path, *, seeds: int, eval_samples: int, eval_points: int | None,
-         snr_repeats: int, curve_points: int, curve_samples: int) -> list[Job]:
+         snr_repeats: int | None, curve_points: int, curve_samples: int) -> list[Job]:
     """Every (estimator, seed) run, estimator-major; seeds count up from the spec's seed."""
     if base.train.max_evals is not None:
         bad = [label for label, name, options in estimators
@@ -164,7 +164,7 @@ def _wait_for(jobs: list[Job], quiet: bool) -> None:
 
 
 def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], out: Path, *,
-            eval_samples: int, eval_points: int | None, snr_repeats: int = 50, seeds: int = 1,
+            eval_samples: int, eval_points: int | None, snr_repeats: int | None = None, seeds: int = 1,
             baseline: str | None = None, jobs: int = 1, curve_points: int = 200, curve_samples: int = 100,
             quiet: bool = False) -> list[dict]:
     """Train every estimator with ``seeds`` seeds on ``base``'s data, architecture and budget; write the report.
@@ -175,12 +175,15 @@ def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], ou
     dealt to the ranks, each rank training its runs alone, and rank 0 writes the report.
     """
     from pyro_vae.cli.compare_report import write_report
+    from pyro_vae.cli.experiment import check_spec
 
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     base_label = pick_baseline(estimators, baseline)
     planned = plan(base, estimators, out, seeds=seeds, eval_samples=eval_samples, eval_points=eval_points,
                    snr_repeats=snr_repeats, curve_points=curve_points, curve_samples=curve_samples)
+    for label, name, options in estimators:  # every run's needs, before the first one trains or a folder is made
+        check_spec(dataclasses.replace(base, estimator=name, estimator_options=options), eval_points=eval_points)
     if jobs > len(planned):
         raise UserError(f"--jobs {jobs} is more than the {len(planned)} runs of this comparison")
     world = distributed.from_env()
@@ -209,6 +212,10 @@ def command(a: argparse.Namespace) -> None:
     from pyro_vae.cli.parser import spec_from_args
 
     estimators = parse_estimators(a.estimators)
+    for label, name, options in estimators:
+        note = getattr(make_estimator(ESTIMATORS, name, options), "note", None)
+        if note:
+            print(f"pyro-vae: note: {label}: {note}", file=sys.stderr)
     spec = spec_from_args(a)
     spec = dataclasses.replace(spec, train=with_budget(spec.train, a.budget, a.epochs is not None))
     out = a.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"

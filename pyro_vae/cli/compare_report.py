@@ -14,7 +14,7 @@ from pyro_vae.cli.compare_run import Job, per_point_log_likelihood
 COLUMNS = ["kind", "estimator", "seed", "seeds", "nll", "nll_se_seeds", "nll_se_points", "nll_low", "nll_high",
            "dnll", "dnll_low", "dnll_high", "dnll_excludes_0", "test_elbo", "test_elbo_se", "kl", "active_units",
            "epochs", "steps", "train_seconds", "evals", "seconds_per_epoch", "images_per_s", "encoder_snr",
-           "decoder_snr"]
+           "decoder_snr", "snr_repeats"]
 MEANS = ["kl", "active_units", "epochs", "steps", "train_seconds", "evals", "seconds_per_epoch", "images_per_s",
          "encoder_snr", "decoder_snr"]
 PLOTS = {"nll": "test NLL with 95% intervals, seeds as dots",
@@ -69,7 +69,7 @@ def summarize(planned: list[Job], results: list[dict], baseline: str) -> tuple[l
                              "nll_se_points": r["nll_se"], "nll_low": one.low, "nll_high": one.high,
                              **(_diff(paired_difference([ll], [ll_base])) if label != baseline else {}),
                              "test_elbo": r["test_elbo"], "test_elbo_se": r["test_elbo_se"],
-                             **{k: r[k] for k in MEANS}})
+                             "snr_repeats": r.get("snr_repeats"), **{k: r[k] for k in MEANS}})
     return est_rows, run_rows
 
 
@@ -134,8 +134,10 @@ def write_report(planned: list[Job], results: list[dict], out: Path, *, baseline
                      f"{_interval(paired)} | {r['test_elbo']:.2f} ± {_f(r['test_elbo_se'])} | {r['epochs']} | "
                      f"{r['steps']} | {r['train_seconds']:.1f} | {_count(r['evals'])} | {r['seconds_per_epoch']:.2f} | "
                      f"{r['images_per_s']:.0f} |")
+    repeats = sorted({str(r.get("snr_repeats", job.snr_repeats)) for r in results})
     lines += ["", "Train s: training wall clock (the steps; not the per-epoch test bound, checkpoints or "
-              "evaluation). Evals: model-and-guide evaluations, particles × training points seen.", "",
+              "evaluation). Evals: model-and-guide evaluations, particles × training points seen. Gradient SNR "
+              f"from {', '.join(repeats)} gradient draws on one test batch.", "",
               "Plots:", ""]
     lines += [f"- [{name}](plots/{name}.png): {PLOTS[name]}" for name in written]
     (out / "compare.md").write_text("\n".join(lines) + "\n")

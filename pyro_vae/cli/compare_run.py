@@ -25,6 +25,20 @@ from pyro_vae.training.run_dir import CONFIG, RunDir
 RESULT = "compare_run.json"
 CURVE = "compare_curve.json"
 SNR_KS = (1, 5, 50)
+# The gradient SNR's repeats scale with the training budget: its gradient draws cost at most SNR_SHARE of
+# the training's (counted in particle-points, forward and backward alike), within [SNR_MIN, SNR_MAX].
+SNR_SHARE, SNR_MIN, SNR_MAX = 0.1, 10, 50
+
+
+def auto_snr_repeats(trained_images: int, batch: int, k: int, has_k: bool) -> int:
+    """Repeats for the gradient SNR so that its draws cost about SNR_SHARE of the training's.
+
+    Training evaluated trained_images x k particle-points; one repeat of the SNR evaluates ``batch``
+    points at the estimator's k and, for estimators with particles, at each K of SNR_KS as well.
+    Deterministic: the same run spec always gets the same repeats."""
+    trained = trained_images * k
+    per_repeat = batch * (k + (sum(SNR_KS) if has_k else 0))
+    return int(min(SNR_MAX, max(SNR_MIN, SNR_SHARE * trained // per_repeat)))
 
 
 @dataclass(frozen=True)
@@ -39,7 +53,7 @@ class Job:
     folder: Path
     eval_samples: int
     eval_points: int | None
-    snr_repeats: int
+    snr_repeats: int | None   # None: scaled to the training (auto_snr_repeats)
     curve_points: int         # test points of the per-epoch IS log-likelihood (0: none)
     curve_samples: int
 
@@ -134,15 +148,23 @@ def run(job: Job, *, quiet: bool = False) -> dict[str, Any]:
         x, y = next(test.batches(min(100, len(test)), shuffle=False, generator=torch.Generator().manual_seed(0),
                                  device=device))
         kw = eval_kwargs(model, y)
-        snr = gradient_snr(model, guide, make_estimator(ESTIMATORS, job.estimator, job.options), x,
-                           job.snr_repeats, **kw)
-        snr_k = {}
-        if "num_particles" in ESTIMATORS[job.estimator].__dataclass_fields__:
+        est = make_estimator(ESTIMATORS, job.estimator, job.options)
+        has_k = "num_particles" in ESTIMATORS[job.estimator].__dataclass_fields__
+        trained = round(sum(r["images_per_s"] * r["seconds"] for r in history.rows))
+        repeats = job.snr_repeats or auto_snr_repeats(trained, x.shape[0], getattr(est, "num_particles", 1), has_k)
+        curve_k = {}
+        if has_k:
             for k in SNR_KS:
-                other = make_estimator(ESTIMATORS, job.estimator, {**job.options, "num_particles": k})
-                snr_k[str(k)] = gradient_snr(model, guide, other, x, job.snr_repeats, **kw)["encoder"]
+                try:
+                    other = make_estimator(ESTIMATORS, job.estimator, {**job.options, "num_particles": k})
+                except UserError:  # a K the estimator does not take (vimco needs K >= 2)
+                    continue
+                curve_k[k] = gradient_snr(model, guide, other, x, repeats, **kw)
+        # the curve already holds the estimator itself where its K is one of SNR_KS
+        snr = (curve_k.get(est.num_particles) if has_k else None) or gradient_snr(model, guide, est, x, repeats, **kw)
+        snr_k = {str(k): v["encoder"] for k, v in curve_k.items()}
         kl = mean_kl(model, guide, test, device=device)
-        active = active_units(guide, test, device=device)[0]
+        active = active_units(guide, test, device=device, model=model)[0]
     rows = history.rows
     last = rows[-1]
     result = {
@@ -150,7 +172,7 @@ def run(job: Job, *, quiet: bool = False) -> dict[str, Any]:
         "test_elbo": summary["elbo"], "test_elbo_se": summary["elbo_se"],
         "nll": summary["nll"], "nll_se": summary["log_likelihood_se"], "num_points": summary["num_points"],
         "kl": kl, "active_units": active, "encoder_snr": snr["encoder"], "decoder_snr": snr["decoder"],
-        "snr_k": snr_k,
+        "snr_repeats": repeats, "snr_k": snr_k,
         "epochs": len(rows), "steps": last["step"], "train_seconds": last.get("train_seconds", math.nan),
         "evals": last.get("evals", 0),
         "seconds_per_epoch": sum(r["seconds"] for r in rows) / len(rows),

@@ -153,7 +153,8 @@ def build_parser() -> _Parser:
     g = t.add_argument_group("objective")
     g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None, help="ELBO estimator (default: elbo)")
     g.add_argument("--particles", type=pos_int, default=None, help="samples per data point (K) for the estimator")
-    g.add_argument("--alpha", type=float, default=None, help="alpha of the renyi estimator")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="alpha of the renyi estimator: 0 is IWAE, 1 the ELBO; below 0 it is no lower bound")
     g = t.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<model>-<estimator>-seed<seed>-<time>)")
     g.add_argument("--resume", type=Path, metavar="RUN_DIR", default=None,
@@ -177,7 +178,9 @@ def build_parser() -> _Parser:
     c.add_argument("--out", type=Path, default=None, help="folder for the runs and the table (default: runs/compare-<time>)")
     c.add_argument("--eval-samples", type=pos_int, default=5000, help="K for the IS log-likelihood (default: 5000)")
     c.add_argument("--eval-points", type=pos_int, default=2000, help="test points for the IS log-likelihood (default: 2000)")
-    c.add_argument("--snr-repeats", type=_at_least_two, default=50, help="gradient draws for the SNR (default: 50)")
+    c.add_argument("--snr-repeats", type=_at_least_two, default=None,
+                   help="gradient draws for the SNR (default: scaled to the training budget, 10 to 50, so that "
+                        "they cost about a tenth of the training)")
     g = c.add_argument_group("comparison")
     g.add_argument("--seeds", type=pos_int, default=1,
                    help="train every estimator with seeds SEED..SEED+N-1 (default: 1; --seed defaults to 0)")

@@ -20,6 +20,7 @@ class TrainConfig:
     compile: bool = False                # also torch.compile the recorded graph (needs replay)
     max_seconds: float | None = None     # stop after the step that reaches this much training wall clock
     max_evals: int | None = None         # stop at this many model-and-guide evaluations (particles x points)
+    audit: bool = True                   # compare replayed steps with eager ones on a schedule (replay_svi.py)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
