@@ -31,10 +31,10 @@ from pyro_vae.data import ArrayDataset  # noqa: E402
 from pyro_vae.errors import UserError  # noqa: E402
 from pyro_vae.estimators import ESTIMATORS  # noqa: E402
 from pyro_vae.training import checkpoint as checkpoint_module  # noqa: E402
-from pyro_vae.training import fit as fit_module  # noqa: E402
+from pyro_vae.training import state as state_module  # noqa: E402
 from pyro_vae.training.checkpoint import LATEST, load_checkpoint  # noqa: E402
 from pyro_vae.training.config import TrainConfig  # noqa: E402
-from pyro_vae.training.fit import fit  # noqa: E402
+from pyro_vae.training.fit import TIMING, fit  # noqa: E402
 from pyro_vae.training.replay import Replayed  # noqa: E402
 from pyro_vae.training.run_dir import RunDir  # noqa: E402
 
@@ -42,7 +42,6 @@ DEVICE = torch.device(os.environ.get("PYRO_VAE_TEST_DEVICE", "cuda"))
 on_device = pytest.mark.skipif(
     DEVICE.type == "cuda" and not torch.cuda.is_available(),
     reason="needs a CUDA device (PYRO_VAE_TEST_DEVICE=cpu runs these tests on the CPU)")
-TIMING = ("seconds", "images_per_s")
 
 
 def on(device: torch.device, *modules) -> bool:
@@ -201,10 +200,10 @@ def test_a_run_killed_mid_epoch_on_the_device_resumes_to_the_same_parameters(sma
             raise _Killed
         return path
 
-    monkeypatch.setattr(fit_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(state_module, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         run(tmp_path / "killed")
-    monkeypatch.setattr(fit_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(state_module, "save_checkpoint", real_save)
     killed = load_checkpoint(tmp_path / "killed" / LATEST)
     assert (killed["epoch"], killed["step"], killed["batch"]) == (1, 8, 8)
     if DEVICE.type == "cuda":

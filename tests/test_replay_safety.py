@@ -31,7 +31,7 @@ from pyro_vae.estimators import ESTIMATORS, EnumELBO
 from pyro_vae.guides import DiagonalNormalGuide, M2Guide
 from pyro_vae.models import M2, BernoulliVAE
 from pyro_vae.training.config import TrainConfig
-from pyro_vae.training.fit import fit
+from pyro_vae.training.fit import TIMING, fit
 from pyro_vae.training.replay import Replayed
 from pyro_vae.training.run_dir import RunDir
 
@@ -221,7 +221,7 @@ def train(programs, replay, *, data=None, on_epoch=None, epochs=3, estimator=Non
         hist = fit(model, guide, estimator or ESTIMATORS["elbo"](), data, None,
                    TrainConfig(epochs=epochs, batch_size=50, lr=1e-2, replay=replay, **config), quiet=True,
                    on_epoch=on_epoch(model, guide) if on_epoch else None, run_dir=run_dir, resume=resume)
-    rows = [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in hist.rows]
+    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in hist.rows]
     state = {k: v.clone() for k, v in {**model.state_dict(), **guide.state_dict()}.items()}
     return rows, state, fast_path_warnings(caught)
 

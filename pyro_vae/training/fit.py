@@ -28,7 +28,11 @@ from pyro_vae.training.run_dir import RunDir
 from pyro_vae.training.state import Position, Run, restore, save, write_fast_path
 from pyro_vae.training.stops import Interrupted, SigintFlag, TrainingDiverged
 
-__all__ = ["History", "Interrupted", "TrainingDiverged", "announce_step", "fit", "test_bound"]
+__all__ = ["TIMING", "History", "Interrupted", "TrainingDiverged", "announce_step", "fit", "test_bound"]
+
+
+# the columns of a history row that are wall clock, so differ between any two runs of the same training
+TIMING = ("seconds", "images_per_s", "train_seconds")
 
 
 @dataclass
