@@ -3,6 +3,8 @@
 
     python3 dev.py main [pyro-vae train options]   train + evaluate the default VAE on MNIST
     python3 dev.py test [pytest options]           ruff, then the full test suite (what CI runs)
+    python3 dev.py gpu-check [--dry-run]           the CUDA tests, benchmark rows and a main job on a GPU, one
+                                                   results file (benchmarks/gpu_check.py; without CUDA: a dry run)
     python3 dev.py shell-cmd ARGS...               run a command inside the project's environment
 
 The first call makes ./.venv and installs the project with its dev extra; later calls reuse it and
@@ -37,7 +39,7 @@ def ensure_env() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("main", "test", "shell-cmd"):
+    if not argv or argv[0] not in ("main", "test", "gpu-check", "shell-cmd"):
         print(__doc__.strip(), file=sys.stderr)
         return 2
     try:
@@ -55,6 +57,8 @@ def main(argv: list[str]) -> int:
             print("[dev] ruff found problems (above); fix them or run `.venv/bin/ruff check --fix .`", file=sys.stderr)
             return lint
         args = [str(BIN / "python"), "-m", "pytest", *rest]
+    elif cmd == "gpu-check":
+        args = [str(BIN / "python"), str(ROOT / "benchmarks" / "gpu_check.py"), *rest]
     else:
         args = rest
     return subprocess.run(args, cwd=ROOT).returncode

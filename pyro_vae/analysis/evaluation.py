@@ -11,9 +11,10 @@ from tqdm import tqdm
 
 from pyro_vae.data.arrays import ArrayDataset
 from pyro_vae.errors import UserError
+from pyro_vae.estimators import _weights
 from pyro_vae.estimators._weights import log_weights
 from pyro_vae.programs.labels import check_labels, eval_kwargs, label_use
-from pyro_vae.programs.sites import _trace
+from pyro_vae.programs.sites import _trace, check_pairing
 from pyro_vae.training.distributed import SINGLE, World, gather_objects
 
 
@@ -50,6 +51,29 @@ def no_likelihood_reason(model, guide) -> str | None:
 
 
 @torch.no_grad()
+def check_evaluable(model, guide, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    """Refuse, in one line and before any work, a pair whose log p(x) cannot be estimated by importance
+    sampling on points like ``x`` (labels ``y``): no likelihood or no proposal density, a guide that does
+    not fit the model with the labels as evaluation passes them (M2 scores log p(x) with y a latent, so its
+    guide must sample y), a latent outside the data plate, or a program that cannot run with particles."""
+    reason = no_likelihood_reason(model, guide)
+    if reason:
+        raise UserError(reason)
+    kw = eval_kwargs(model, y)
+    x = x[:2]
+    kw = {k: v[:2] if torch.is_tensor(v) else v for k, v in kw.items()}
+    try:
+        check_pairing(model, guide, x, **kw)
+    except UserError as e:
+        how = ("labels unobserved, so y is a latent the guide must sample" if label_use(model) == "optional"
+               else "the data as given")
+        raise UserError(f"the IS evaluation scores log p(x) with {how}: {e}") from None
+    cuda = [x.device] if x.device.type == "cuda" else []
+    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=cuda):
+        _weights.log_weights(model, guide, 2, x, **kw)  # by module: not counted as the evaluation's own draws
+
+
+@torch.no_grad()
 def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch_size: int = 100,
              max_particles_per_chunk: int = 20000, device: torch.device | str = "cpu",
              seed: int = 0, quiet: bool = False, world: World = SINGLE) -> Evaluation:
@@ -66,10 +90,10 @@ def evaluate(model, guide, data: ArrayDataset, *, num_samples: int = 5000, batch
     """
     if num_samples <= 0 or batch_size <= 0 or max_particles_per_chunk <= 0:
         raise UserError("num_samples, batch_size and max_particles_per_chunk must be positive")
-    reason = no_likelihood_reason(model, guide)
-    if reason:
-        raise UserError(reason)
     check_labels(model, data.labels, "the evaluation data")
+    first_x, first_y = next(data.head(min(len(data), 2)).batches(2, shuffle=False, generator=torch.Generator(),
+                                                                    device=device))
+    check_evaluable(model, guide, first_x, first_y)
     gen = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, max_particles_per_chunk)
     chunk = max(1, max_particles_per_chunk // batch_size)

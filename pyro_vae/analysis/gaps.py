@@ -7,7 +7,8 @@ in Variational Autoencoders":
 q(z|x) is the amortized guide (one encoder for all points); q*(z|x_n) is the best member of the
 variational family fitted to each point on its own, found here by optimizing free per-point parameters.
 The amortization gap is what the encoder loses by sharing its parameters; the approximation gap is what
-the family itself cannot express.
+the family itself cannot express. log p(x) is estimated from both proposals' draws at once (multiple
+importance sampling), so it is never a poor proposal's estimate alone.
 """
 from __future__ import annotations
 
@@ -16,94 +17,100 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyro
-import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from pyro_vae.analysis.importance import check_proposal
-from pyro_vae.analysis.latent_stats import is_real
+from pyro_vae.analysis.local_fit import LocalGaussian, gaussian_start
 from pyro_vae.errors import UserError
-from pyro_vae.estimators._weights import log_weights, particle_traces
+from pyro_vae.estimators._weights import _site_log_prob, _vectorized, log_weights, plate_nesting
 from pyro_vae.programs.labels import eval_kwargs
-from pyro_vae.programs.sites import _trace, latent_sites
+from pyro_vae.programs.sites import sample_sites
+
+DISAGREE_Z = 3.0  # two IS estimates of one log p(x) "disagree" when this many standard errors apart
 
 
-class LocalGaussian(nn.Module):
-    """q*(z|x_n) = prod over latent sites of Normal(loc_n, diag scale_n^2): free parameters for each of the B
-    points of one batch, shaped like each site's value, and no encoder. A guide for that batch only.
+def _log_density(program, values: poutine.Trace, k: int, nesting: int, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """log r(z) per draw and point, (k, B), of the proposal ``program`` at the draws held in ``values``."""
+    tr = poutine.trace(poutine.replay(_vectorized(program, k, -nesting - 1), trace=values)).get_trace(x, **kwargs)
+    lp = sum(_site_log_prob(site, nesting, False) for site in sample_sites(tr).values())
+    return torch.nan_to_num(lp, nan=-math.inf)  # a draw on the edge of the other proposal's support
 
-    A plain nn.Module, never in Pyro's param store, so fitting it touches nothing global.
-    """
 
-    def __init__(self, init: dict[str, tuple[torch.Tensor, torch.Tensor, int]]):
-        super().__init__()
-        self.sites = list(init)
-        # ParameterDict keys cannot hold every site name (dots), so parameters are indexed by position
-        self.locs = nn.ParameterList([nn.Parameter(loc.detach().clone()) for loc, _, _ in init.values()])
-        self.log_scales = nn.ParameterList([nn.Parameter(scale.detach().clamp_min(1e-6).log())
-                                            for _, scale, _ in init.values()])
-        self.event_dims = [e for _, _, e in init.values()]
+@dataclass(frozen=True)
+class _Draws:
+    """What ``num_samples`` draws z_s from one proposal r say, per point: the ELBO of r and its Monte Carlo
+    error, the IS log p(x) with r alone (and its error, ESS), and for the mixture m = q/2 + q*/2 the log
+    weights log p(x, z_s) / m(z_s) and the control variate q*(z_s) / m(z_s) - 1, both (S, B)."""
 
-    @property
-    def loc(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self.sites, self.locs))
-
-    @property
-    def scale(self) -> dict[str, torch.Tensor]:
-        return {n: s.exp() for n, s in zip(self.sites, self.log_scales)}
-
-    def forward(self, x: torch.Tensor, **kwargs) -> None:
-        with pyro.plate("data", x.shape[0], dim=-1):
-            for name, loc, log_scale, event_dim in zip(self.sites, self.locs, self.log_scales, self.event_dims):
-                pyro.sample(name, dist.Normal(loc, log_scale.exp()).to_event(event_dim))
+    elbo: torch.Tensor
+    elbo_se: torch.Tensor
+    log_likelihood: torch.Tensor
+    log_likelihood_se: torch.Tensor
+    ess: torch.Tensor
+    log_mixture_weights: torch.Tensor
+    control: torch.Tensor
 
 
 @torch.no_grad()
-def gaussian_start(model, guide, x: torch.Tensor, num_draws: int = 256, **kwargs) -> dict[str, tuple]:
-    """Per latent site (loc, scale, event_dim) of a mean-field Gaussian matching the guide at x: the guide's own
-    mean and standard deviation where it has them (Normal, MultivariateNormal), else moments of its draws."""
-    guide_tr, model_tr = _trace(guide, x, **kwargs), _trace(model, x, **kwargs)
-    init, moments = {}, []
-    for name in latent_sites(guide_tr):
-        support = model_tr.nodes[name]["fn"].support
-        if not is_real(support):
-            raise UserError(f"the local q*(z|x) is Gaussian, but the model's latent {name!r} has support {support}; "
-                            "the inference gaps need real-valued latents")
-        fn = guide_tr.nodes[name]["fn"]
-        try:
-            init[name] = (fn.mean, fn.variance.sqrt(), fn.event_dim)
-        except NotImplementedError:  # a flow: no closed-form moments
-            moments.append(name)
-    if moments:
-        _, tr = particle_traces(model, guide, num_draws, x, **kwargs)
-        for name in moments:
-            v = tr.nodes[name]["value"]
-            init[name] = (v.mean(0), v.std(0), tr.nodes[name]["fn"].event_dim)
-    return init
-
-
-@torch.no_grad()
-def bounds(model, guide, x: torch.Tensor, num_samples: int, max_particles_per_chunk: int = 20000,
-           **kwargs) -> tuple[np.ndarray, ...]:
-    """Per point, from ``num_samples`` draws of ``guide``: the ELBO (mean log-weight), its Monte Carlo standard
-    error, the importance-sampled log p(x) (Burda et al. 2016) and the weights' effective sample size."""
+def _draw(model, proposal, other, x: torch.Tensor, num_samples: int, max_particles_per_chunk: int, *,
+          proposal_is_local: bool, **kwargs) -> _Draws:
     chunk = max(1, max_particles_per_chunk // x.shape[0])
-    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    squares, lse, lse2 = torch.zeros_like(total), torch.full_like(total, -math.inf), torch.full_like(total, -math.inf)
+    nesting = plate_nesting(model, x, **kwargs)
+    lws, mixed, controls = [], [], []
     done = 0
     while done < num_samples:
         k = min(chunk, num_samples - done)
-        lw = log_weights(model, guide, k, x, **kwargs)[0].double()
-        total += lw.sum(0)
-        squares += (lw ** 2).sum(0)
-        lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
-        lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
+        lw, (_, prop_tr) = log_weights(model, proposal, k, x, **kwargs)
+        log_r = sum(_site_log_prob(site, nesting, False) for site in sample_sites(prop_tr).values())
+        log_other = _log_density(other, prop_tr, k, nesting, x, **kwargs)
+        lw, log_r, log_other = lw.double(), log_r.double(), log_other.double()
+        log_m = torch.logaddexp(log_r, log_other) - math.log(2.0)
+        log_local = log_r if proposal_is_local else log_other
+        lws.append(lw)
+        mixed.append(lw + log_r - log_m)
+        controls.append(torch.exp(log_local - log_m) - 1.0)
         done += k
-    mean = total / num_samples
-    var = (squares / num_samples - mean ** 2).clamp_min(0) * num_samples / max(1, num_samples - 1)
-    return tuple(t.cpu().numpy() for t in (mean, (var / num_samples).sqrt(), lse - math.log(num_samples),
-                                           (2 * lse - lse2).exp()))
+    lw = torch.cat(lws)
+    s = num_samples
+    mean = lw.mean(0)
+    var = lw.var(0) if s > 1 else torch.zeros_like(mean)
+    lse, lse2 = torch.logsumexp(lw, 0), torch.logsumexp(2 * lw, 0)
+    # the delta method: sd(log mean w) ~ sd(w) / (sqrt(S) mean w), and mean(w^2) / mean(w)^2 = S / ESS
+    ratio = (s * (lse2 - 2 * lse).exp() - 1).clamp_min(0) * s / max(1, s - 1)
+    return _Draws(mean, (var / s).sqrt(), lse - math.log(s), (ratio / s).sqrt(), (2 * lse - lse2).exp(),
+                  torch.cat(mixed), torch.cat(controls))
+
+
+def mixture_log_likelihood(a: _Draws, b: _Draws) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x) per point from S draws of each of q and q*, weighted against the mixture m = q/2 + q*/2, with
+    a control variate (Owen & Zhou 2000, "Safe and effective importance sampling"; the mixture weights are
+    the balance heuristic of Veach & Guibas 1995):
+
+        p^(x) = mean over the 2S draws of [p(x, z)/m(z) - beta h(z)],   h = q*/m - 1,   E_m[h] = 0,
+
+    beta fitted by least squares over the draws. Each weight p/m is at most 2 p/q and 2 p/q*, so the
+    mixture's tail is that of the better proposal at every z: one that misses posterior mass (a narrow
+    encoder, a q* on one of two modes) cannot drag the estimate down as an estimate from it alone would.
+    The control variate makes the estimate exact when the posterior is q or q* (p/m is then linear in h);
+    with the best beta its variance is at most that of IS with either proposal alone and its S draws
+    (Owen & Zhou, theorem 2). It is consistent: the fitted beta's bias is O(1/S). Where the fitted correction would make p^ <= 0, the plain mixture
+    estimate is taken. Returns log p^(x) and its standard error (delta method over the residuals)."""
+    log_y = torch.cat([a.log_mixture_weights, b.log_mixture_weights])
+    h = torch.cat([a.control, b.control])
+    top = log_y.max(0).values
+    y = (log_y - top).exp()
+    hc = h - h.mean(0)
+    var_h = (hc ** 2).mean(0)
+    beta = torch.where(var_h > 1e-12, (hc * (y - y.mean(0))).mean(0) / var_h.clamp_min(1e-300), 0.0)
+    corrected = y.mean(0) - beta * h.mean(0)
+    ok = corrected > 0
+    beta = torch.where(ok, beta, 0.0)
+    p = torch.where(ok, corrected, y.mean(0))
+    residual = y - beta * h
+    se = residual.std(0) / math.sqrt(y.shape[0]) / p
+    return p.log() + top, se
 
 
 @dataclass(frozen=True)
@@ -115,26 +122,33 @@ class InferenceGaps:
     elbo_amortized_se: np.ndarray       # its Monte Carlo standard error
     elbo_local: np.ndarray              # L[q*]
     elbo_local_se: np.ndarray
-    log_likelihood_amortized: np.ndarray  # IS log p(x) with q as the proposal
-    log_likelihood_local: np.ndarray      # ... with q*
+    log_likelihood: np.ndarray          # log p(x) from both proposals' draws (``mixture_log_likelihood``)
+    log_likelihood_se: np.ndarray       # its Monte Carlo standard error (delta method)
+    log_likelihood_amortized: np.ndarray  # IS log p(x) with q alone as the proposal
+    log_likelihood_amortized_se: np.ndarray
+    log_likelihood_local: np.ndarray      # ... with q* alone
+    log_likelihood_local_se: np.ndarray
     ess_amortized: np.ndarray           # effective sample size of q's weights
     ess_local: np.ndarray               # ... of q*'s
     history: np.ndarray                 # (steps,) mean ELBO estimate of q* at each Adam step
-    local_loc: dict[str, np.ndarray]
+    local_loc: dict[str, np.ndarray]    # q*'s parameters, in each site's unconstrained space
     local_scale: dict[str, np.ndarray]
     steps: int
     particles: int
     num_samples: int
+    local_transformed: tuple[str, ...] = ()  # sites whose q* lives in an unconstrained space (not real-valued)
 
     @property
     def local_proposal_better(self) -> np.ndarray:
         return self.ess_local >= self.ess_amortized
 
     @property
-    def log_likelihood(self) -> np.ndarray:
-        """Per point, the IS estimate of the better proposal, the one with the larger ESS (usually q*). Choosing
-        by the larger estimate instead would favour whichever happened to overshoot."""
-        return np.where(self.local_proposal_better, self.log_likelihood_local, self.log_likelihood_amortized)
+    def disagree(self) -> np.ndarray:
+        """Points where q alone and q* alone give IS estimates of log p(x) more than ``DISAGREE_Z`` standard
+        errors apart: at least one of them misses posterior mass there (its error bar is then too small as
+        well). The mixture estimate covers what either proposal reaches, but read those points with care."""
+        diff = np.abs(self.log_likelihood_amortized - self.log_likelihood_local)
+        return diff > DISAGREE_Z * np.hypot(self.log_likelihood_amortized_se, self.log_likelihood_local_se)
 
     @property
     def amortization_gap(self) -> np.ndarray:
@@ -157,14 +171,20 @@ class InferenceGaps:
                      "inference_gap"):
             out[name], out[f"{name}_se"] = mean_se(getattr(self, name))
         out["share_local_proposal_better"] = float(np.mean(self.local_proposal_better))
+        out["points_disagree"] = int(self.disagree.sum())
+        out["local_transformed"] = list(self.local_transformed)
         return out
 
     def rows(self) -> list[dict]:
+        disagree = self.disagree
         return [{"point": int(p), "elbo_amortized": float(self.elbo_amortized[i]),
                  "elbo_amortized_se": float(self.elbo_amortized_se[i]), "elbo_local": float(self.elbo_local[i]),
                  "elbo_local_se": float(self.elbo_local_se[i]), "log_likelihood": float(self.log_likelihood[i]),
+                 "log_likelihood_se": float(self.log_likelihood_se[i]),
+                 "log_likelihood_amortized": float(self.log_likelihood_amortized[i]),
+                 "log_likelihood_local": float(self.log_likelihood_local[i]),
                  "amortization_gap": float(self.amortization_gap[i]),
-                 "approximation_gap": float(self.approximation_gap[i])}
+                 "approximation_gap": float(self.approximation_gap[i]), "disagree": bool(disagree[i])}
                 for i, p in enumerate(self.points)]
 
 
@@ -173,16 +193,25 @@ def inference_gaps(model, guide, x: torch.Tensor, y: torch.Tensor | None = None,
                    max_particles_per_chunk: int = 20000, quiet: bool = True) -> InferenceGaps:
     """Fit a local mean-field Gaussian q*(z|x_n) to every row of ``x`` at once and measure the gaps.
 
-    q* starts at the guide's output for each point (its loc and scale, or a moment match of its draws for a
-    guide that is not Gaussian) and is fitted by Adam (learning rate ``lr`` decaying linearly to 0, as Adam
-    otherwise keeps stepping ~lr around the optimum whatever the gradient's size) for
-    ``steps`` steps on the ELBO with ``particles`` draws per point, all points in one vectorized batch. The
-    gradient is the path derivative of Roeder et al. (2017), "Sticking the landing", which vanishes at the
-    exact posterior, so a q* already at the optimum stays there. The model's parameters are frozen: only
-    q*'s enter the gradient. L[q], L[q*] and log p(x) are then estimated with ``num_samples`` fresh draws.
+    q* (``local_fit.LocalGaussian``) is Gaussian in each latent's unconstrained space (``biject_to`` of its
+    support, with the Jacobian in its density), so positive, interval, simplex and mixture-distributed
+    latents are fitted like real-valued ones; discrete latents are refused. q* starts at the guide's output
+    for each point (its loc and scale, or a moment match of its draws mapped to the unconstrained space)
+    and is fitted by Adam (learning rate ``lr`` decaying linearly to 0, as Adam otherwise keeps stepping
+    ~lr around the optimum whatever the gradient's size) for ``steps`` steps on the ELBO with ``particles``
+    draws per point, all points in one vectorized batch. The gradient is the path derivative of Roeder et
+    al. (2017), "Sticking the landing", which vanishes at the exact posterior, so a q* already at the
+    optimum stays there. The model's parameters are frozen: only q*'s enter the gradient.
+
+    Then ``num_samples`` fresh draws from each of q and q* give L[q] and L[q*], and all 2 x ``num_samples``
+    draws together give log p(x) by multiple importance sampling with the mixture q/2 + q*/2 and a control
+    variate (``mixture_log_likelihood``): consistent, exact where q or q* is the posterior, and not led astray by a proposal that misses posterior mass
+    (taking the estimate of one proposal, chosen by its ESS, was: a narrow encoder has a high ESS and a far
+    too low estimate). ``disagree`` marks the points where the two proposals' own estimates differ beyond
+    their standard errors.
 
     The amortization gap is >= 0 when q's family is mean-field Gaussian like q*'s; for a richer guide (full
-    covariance, a flow) q may beat q* and the "gap" can be negative. Requires real-valued latents, all
+    covariance, a flow) q may beat q* and the "gap" can be negative. Requires continuous latents, all
     inside the data plate at dim -1.
     """
     if steps < 0 or particles <= 0 or num_samples <= 0 or not lr > 0:
@@ -206,13 +235,20 @@ def inference_gaps(model, guide, x: torch.Tensor, y: torch.Tensor | None = None,
             history[t] = float(elbo.detach().mean())
         for p in params:
             p.requires_grad_(False)
-        elbo_q, se_q, ll_q, ess_q = bounds(model, guide, x, num_samples, max_particles_per_chunk, **kw)
-        elbo_l, se_l, ll_l, ess_l = bounds(model, local, x, num_samples, max_particles_per_chunk, **kw)
+        q = _draw(model, guide, local, x, num_samples, max_particles_per_chunk, proposal_is_local=False, **kw)
+        q_star = _draw(model, local, guide, x, num_samples, max_particles_per_chunk, proposal_is_local=True, **kw)
+        ll, ll_se = mixture_log_likelihood(q, q_star)
+
+    def np_(t: torch.Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy()
+
     return InferenceGaps(
         points=np.arange(x.shape[0]) if points is None else np.asarray(points),
-        elbo_amortized=elbo_q, elbo_amortized_se=se_q, elbo_local=elbo_l, elbo_local_se=se_l,
-        log_likelihood_amortized=ll_q, log_likelihood_local=ll_l, ess_amortized=ess_q, ess_local=ess_l,
-        history=history,
-        local_loc={n: v.detach().cpu().numpy() for n, v in local.loc.items()},
-        local_scale={n: v.detach().cpu().numpy() for n, v in local.scale.items()},
-        steps=steps, particles=particles, num_samples=num_samples)
+        elbo_amortized=np_(q.elbo), elbo_amortized_se=np_(q.elbo_se), elbo_local=np_(q_star.elbo),
+        elbo_local_se=np_(q_star.elbo_se), log_likelihood=np_(ll), log_likelihood_se=np_(ll_se),
+        log_likelihood_amortized=np_(q.log_likelihood), log_likelihood_amortized_se=np_(q.log_likelihood_se),
+        log_likelihood_local=np_(q_star.log_likelihood), log_likelihood_local_se=np_(q_star.log_likelihood_se),
+        ess_amortized=np_(q.ess), ess_local=np_(q_star.ess), history=history,
+        local_loc={n: np_(v) for n, v in local.loc.items()},
+        local_scale={n: np_(v) for n, v in local.scale.items()},
+        steps=steps, particles=particles, num_samples=num_samples, local_transformed=tuple(local.transformed))

@@ -31,6 +31,7 @@ from pyro_vae.errors import UserError
 from pyro_vae.estimators._weights import plate_nesting
 from pyro_vae.programs.labels import label_use
 from pyro_vae.programs.sites import _trace, latent_sites, observed_sites, sample_sites
+from pyro_vae.training.rng import program_device, seeded
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,7 @@ def codes(model, guide, data: ArrayDataset, *, mean: bool = True, batch_size: in
     draw z ~ q(z|x) per point (the aggregate posterior the decoder was trained on)."""
     gen = torch.Generator().manual_seed(seed)
     out, latents = [], None
-    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with pyro.get_param_store().scope(), seeded(seed, device):
         for x, _ in data.batches(batch_size, shuffle=False, generator=gen, device=device):
             latents = latents or _check(model, guide, x)
             tr = poutine.trace(guide).get_trace(x)
@@ -103,9 +103,9 @@ def fit_gaussian(z: torch.Tensor, jitter: float = 1e-6) -> torch.distributions.M
 
 @torch.no_grad()
 def prior_latents(model, n: int, names: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
-    """n draws of the latents ``names`` from the model's own prior, ``model(None, batch_size=n)``."""
-    with pyro.get_param_store().scope(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """n draws of the latents ``names`` from the model's own prior, ``model(None, batch_size=n)``, on the
+    model's device."""
+    with pyro.get_param_store().scope(), seeded(seed, program_device(model)):
         tr = poutine.trace(model).get_trace(None, batch_size=n)
     return {name: tr.nodes[name]["value"] for name in names}
 

@@ -1,27 +1,38 @@
-"""Train several estimators with the same seed, data, architecture and budget, and compare them."""
+"""Compare estimators: every (estimator, seed) run on the same data, architecture and budget, then paired statistics.
+
+Each run is a run folder ``OUT/<estimator>/seed<s>``. Running the same comparison again skips the runs
+that finished and resumes the ones that were interrupted (``pyro_vae.cli.compare_run``). Runs go one
+after another, or ``jobs`` at a time in separate processes, or dealt to the ranks under torchrun; every
+run draws only from its own seeded streams, so the results do not depend on how they were scheduled.
+The report (``compare.md``, ``compare.csv``, plots) is written by ``pyro_vae.cli.compare_report``.
+"""
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import math
+import sys
 import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
-from matplotlib.figure import Figure  # no pyplot: writing files never changes the user's backend
+from tqdm import tqdm
 
-from pyro_vae.analysis.latent_stats import active_units, mean_kl
-from pyro_vae.analysis.snr import gradient_snr
+from pyro_vae.cli import compare_run
+from pyro_vae.cli.compare_run import Job
 from pyro_vae.cli.runs import RunSpec, make_estimator
 from pyro_vae.errors import UserError
 from pyro_vae.estimators import ESTIMATORS
-from pyro_vae.programs.labels import eval_kwargs
-from pyro_vae.training.run_dir import RunDir
+from pyro_vae.training import distributed
+from pyro_vae.training.budget import particles_of
+from pyro_vae.training.fit import Interrupted
 
 OPTION_ALIASES = {"k": "num_particles", "particles": "num_particles"}
-SNR_KS = (1, 5, 50)
+SNR_KS = compare_run.SNR_KS
+EPOCH_CAP = 10**6  # the epochs of a seconds or evals budget when --epochs does not cap it
+RERUN = "finished runs are kept and interrupted ones checkpointed; run the same command again to continue"
 
 
 def parse_estimators(text: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -41,7 +52,7 @@ def parse_estimators(text: str) -> list[tuple[str, str, dict[str, Any]]]:
             except ValueError:
                 raise UserError(f"estimator option {opt!r} in {item!r} needs a number") from None
         make_estimator(ESTIMATORS, name, options)  # validate now, before any training
-        out.append((item.replace(":", "-").replace("=", ""), name, options))
+        out.append((label_of(item), name, options))
     if not out:
         raise UserError("--estimators needs at least one estimator, e.g. elbo,iwae:k=5")
     if len({label for label, _, _ in out}) != len(out):
@@ -49,124 +60,169 @@ def parse_estimators(text: str) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], out: Path, *,
-            eval_samples: int, eval_points: int | None, snr_repeats: int = 50, quiet: bool = False) -> list[dict]:
-    from pyro_vae.cli.experiment import train_run_objects
+def label_of(item: str) -> str:
+    """'iwae:k=5' -> 'iwae-k5': the estimator's name in tables and folders."""
+    return item.strip().replace(":", "-").replace("=", "")
 
-    RunDir(out).create(fresh=False)
-    rows = []
+
+def pick_baseline(estimators: list[tuple[str, str, dict[str, Any]]], baseline: str | None) -> str:
+    """The baseline's label: ``baseline`` (a label or an --estimators item) or the first estimator."""
+    labels = [label for label, _, _ in estimators]
+    if baseline is None:
+        return labels[0]
+    if label_of(baseline) not in labels:
+        raise UserError(f"--baseline {baseline!r} is not one of the estimators: {', '.join(labels)}")
+    return label_of(baseline)
+
+
+def with_budget(train, budget: tuple[str, float] | None, epochs_given: bool):
+    """``train`` (a TrainConfig) with the budget applied: epochs, or seconds / evals capped by --epochs."""
+    if budget is None:
+        return train
+    kind, value = budget
+    if kind == "epochs":
+        if epochs_given and train.epochs != value:
+            raise UserError(f"--epochs {train.epochs} and --budget epochs={value} disagree; give one of them")
+        return dataclasses.replace(train, epochs=int(value))
+    epochs = train.epochs if epochs_given else EPOCH_CAP
+    field = {"seconds": "max_seconds", "evals": "max_evals"}[kind]
+    return dataclasses.replace(train, epochs=epochs, **{field: int(value) if kind == "evals" else float(value)})
+
+
+def plan(base: RunSpec, estimators, out: Path, *, seeds: int, eval_samples: int, eval_points: int | None,
+         snr_repeats: int | None, curve_points: int, curve_samples: int) -> list[Job]:
+    """Every (estimator, seed) run, estimator-major; seeds count up from the spec's seed."""
+    if base.train.max_evals is not None:
+        bad = [label for label, name, options in estimators
+               if base.train.max_evals % particles_of(make_estimator(ESTIMATORS, name, options))]
+        if bad:
+            raise UserError(f"--budget evals={base.train.max_evals} is not a multiple of the particles of "
+                            f"{', '.join(bad)}; pick a multiple of every K so that all runs get the same count")
+    jobs = []
     for label, name, options in estimators:
-        spec = dataclasses.replace(base, estimator=name, estimator_options=options)
-        run, model, guide, test, history, summary = train_run_objects(
-            spec, out / label, eval_samples=eval_samples, eval_points=eval_points, quiet=quiet)
-        if summary.get("log_likelihood") is None:
-            raise UserError(f"compare ranks estimators by the IS log-likelihood: {summary['not_estimated']}")
-        device = next(model.parameters()).device
-        x, y = next(test.batches(min(100, len(test)), shuffle=False, generator=torch.Generator().manual_seed(0),
-                                 device=device))
-        kw = eval_kwargs(model, y)
-        est = make_estimator(ESTIMATORS, name, options)
-        snr = gradient_snr(model, guide, est, x, snr_repeats, **kw)
-        snr_k = {}
-        if "num_particles" in ESTIMATORS[name].__dataclass_fields__:
-            for k in SNR_KS:
-                other = make_estimator(ESTIMATORS, name, {**options, "num_particles": k})
-                snr_k[k] = gradient_snr(model, guide, other, x, snr_repeats, **kw)["encoder"]
-        rows.append({
-            "estimator": label,
-            "test_elbo": summary["elbo"], "test_elbo_se": summary["elbo_se"],
-            "nll": summary["nll"], "nll_se": summary["log_likelihood_se"],
-            "kl": mean_kl(model, guide, test, device=device),
-            "active_units": active_units(guide, test, device=device)[0],
-            "seconds_per_epoch": sum(r["seconds"] for r in history.rows) / len(history.rows),
-            "images_per_s": sum(r["images_per_s"] for r in history.rows) / len(history.rows),
-            "encoder_snr": snr["encoder"], "decoder_snr": snr["decoder"],
-            "_curve": [(r["epoch"], r.get("test_elbo", math.nan)) for r in history.rows],
-            "_snr_k": snr_k,
-        })
-    write_table(rows, out, base, eval_samples, eval_points)
-    plot_comparison(rows, out)
-    return rows
+        for s in range(base.train.seed, base.train.seed + seeds):
+            spec = dataclasses.replace(base, estimator=name, estimator_options=options,
+                                       train=dataclasses.replace(base.train, seed=s))
+            jobs.append(Job(label, name, options, s, spec, out / label / f"seed{s}", eval_samples, eval_points,
+                            snr_repeats, curve_points, curve_samples))
+    return jobs
 
 
-COLUMNS = ["estimator", "test_elbo", "test_elbo_se", "nll", "nll_se", "kl", "active_units",
-           "seconds_per_epoch", "images_per_s", "encoder_snr", "decoder_snr"]
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        tqdm.write(text, file=sys.stderr)
 
 
-def write_table(rows: list[dict], out: Path, base: RunSpec, eval_samples: int, eval_points: int | None) -> None:
-    with open(out / "compare.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    t = base.train
-    lines = [f"Budget: {t.epochs} epochs, batch {t.batch_size}, Adam lr {t.lr}, seed {t.seed}; data "
-             f"{base.data.get('name')} ({base.data.get('binarize')}); test NLL by IS with K={eval_samples} on "
-             f"{eval_points or 'all'} test points. Nats per image; ± is one standard error over test points.", "",
-             "| estimator | test ELBO | test NLL | KL | active units | s/epoch | images/s | encoder SNR | decoder SNR |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['estimator']} | {r['test_elbo']:.2f} ± {r['test_elbo_se']:.2f} | {r['nll']:.2f} ± "
-                     f"{r['nll_se']:.2f} | {r['kl']:.2f} | {r['active_units']} | {r['seconds_per_epoch']:.1f} | "
-                     f"{r['images_per_s']:.0f} | {r['encoder_snr']:.3f} | {r['decoder_snr']:.3f} |")
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
+def _run_here(todo: list[Job], total: int, quiet: bool) -> None:
+    for n, job in enumerate(todo, 1):
+        resuming = (job.folder / "checkpoint.pt").exists()
+        _say(quiet, f"[{n}/{len(todo)} of {total} runs] {job.label} seed {job.seed}: "
+                    f"{'resuming' if resuming else 'training'} in {job.folder}")
+        try:
+            compare_run.run(job, quiet=quiet)
+        except Interrupted as e:
+            raise Interrupted(f"{e.args[0].split(';')[0]} of {job.label} seed {job.seed}; {RERUN}") from None
 
 
-def plot_comparison(rows: list[dict], out: Path) -> None:
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
-    fig = Figure(figsize=(6.5, 4.2))
-    ax = fig.subplots()
-    for r in rows:
-        ep, val = zip(*r["_curve"])
-        ax.plot(ep, val, marker=".", label=r["estimator"])
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test bound of the training estimator (nats)")
-    ax.set_title("Learning curves")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plots / "learning_curves.png", dpi=100)
+def _run_parallel(todo: list[Job], jobs: int, quiet: bool) -> None:
+    threads = max(1, torch.get_num_threads() // jobs)
+    _say(quiet, f"{len(todo)} runs, {jobs} at a time ({threads} thread{'s' * (threads > 1)} each); "
+                "each run's log is its folder's compare.log")
+    context = get_context("spawn")
+    stop = context.Event()  # on the first error or Ctrl-C, the runs already queued to the workers do not start
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=compare_run.init_worker,
+                               initargs=(threads, stop))
+    bar = tqdm(total=len(todo), desc="runs", unit="run", disable=quiet, file=sys.stderr)
+    try:
+        pending = {pool.submit(compare_run.run_in_worker, job) for job in todo}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            bar.update(len(done))
+            for f in done:
+                if f.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise f.exception()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {RERUN}") from None
+    except Interrupted:
+        raise Interrupted(f"interrupted; {RERUN}") from None
+    finally:
+        stop.set()
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
 
-    fig = Figure(figsize=(6.5, 4.2))
-    ax = fig.subplots()
-    labels = [r["estimator"] for r in rows]
-    se = [r["nll_se"] if math.isfinite(r["nll_se"]) else 0.0 for r in rows]  # one test point: no spread
-    ax.bar(labels, [r["nll"] for r in rows], yerr=se, capsize=4, color="tab:blue")
-    lo = min(r["nll"] - 3 * s for r, s in zip(rows, se))
-    hi = max(r["nll"] + 3 * s for r, s in zip(rows, se))
-    ax.set_ylim(lo - 0.1 * (hi - lo + 1), hi + 0.1 * (hi - lo + 1))
-    ax.set_ylabel("test NLL, nats (lower is better)")
-    ax.set_title("Test negative log-likelihood (IS), ± 1 s.e.")
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(plots / "nll.png", dpi=100)
 
-    fig = Figure(figsize=(6.5, 4.2))
-    ax = fig.subplots()
-    for r in rows:
-        if r["_snr_k"]:
-            ks = sorted(r["_snr_k"])
-            ax.plot(ks, [r["_snr_k"][k] for k in ks], marker="o", label=f"{r['estimator']} (trained model)")
-    ax.set_xscale("log")
-    ax.set_xlabel("K (particles in the gradient estimate)")
-    ax.set_ylabel("encoder gradient SNR, mean over parameters")
-    ax.set_title("Gradient SNR vs K (Rainforth et al. 2018)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(plots / "snr_vs_k.png", dpi=100)
+def _wait_for(jobs: list[Job], quiet: bool) -> None:
+    """Under torchrun, rank 0 waits for the other ranks' runs (torchrun stops every rank if one fails)."""
+    missing = [j for j in jobs if compare_run.finished(j) is None]
+    if missing:
+        _say(quiet, f"waiting for {len(missing)} runs on the other ranks")
+    while missing:
+        time.sleep(2)
+        missing = [j for j in missing if compare_run.finished(j) is None]
+
+
+def compare(base: RunSpec, estimators: list[tuple[str, str, dict[str, Any]]], out: Path, *,
+            eval_samples: int, eval_points: int | None, snr_repeats: int | None = None, seeds: int = 1,
+            baseline: str | None = None, jobs: int = 1, curve_points: int = 200, curve_samples: int = 100,
+            quiet: bool = False) -> list[dict]:
+    """Train every estimator with ``seeds`` seeds on ``base``'s data, architecture and budget; write the report.
+
+    ``base.train`` holds the budget (epochs, or ``max_seconds`` / ``max_evals``). Returns one summary row
+    per estimator (the rows of compare.csv whose ``kind`` is "estimator"). ``jobs`` > 1 runs that many
+    runs at a time in spawned processes, the CPU threads split between them; under torchrun the runs are
+    dealt to the ranks, each rank training its runs alone, and rank 0 writes the report.
+    """
+    from pyro_vae.cli.compare_report import write_report
+    from pyro_vae.cli.experiment import check_spec
+
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    base_label = pick_baseline(estimators, baseline)
+    planned = plan(base, estimators, out, seeds=seeds, eval_samples=eval_samples, eval_points=eval_points,
+                   snr_repeats=snr_repeats, curve_points=curve_points, curve_samples=curve_samples)
+    for label, name, options in estimators:  # every run's needs, before the first one trains or a folder is made
+        check_spec(dataclasses.replace(base, estimator=name, estimator_options=options), eval_points=eval_points)
+    if jobs > len(planned):
+        raise UserError(f"--jobs {jobs} is more than the {len(planned)} runs of this comparison")
+    world = distributed.from_env()
+    if world.active and jobs > 1:
+        raise UserError("under torchrun the ranks run the comparison's runs in parallel; leave out --jobs")
+    mine = [j for i, j in enumerate(planned) if i % world.size == world.rank]
+    if world.active and torch.cuda.is_available() and base.train.device != "cpu":
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [j for j in mine if compare_run.finished(j) is None]
+    if len(todo) < len(mine):
+        _say(quiet or not world.main, f"{len(mine) - len(todo)} of {len(mine)} runs already finished in {out}; "
+                                      "skipping them")
+    if jobs > 1 and len(todo) > 1:
+        _run_parallel(todo, min(jobs, len(todo)), quiet)
+    else:
+        _run_here(todo, len(planned), quiet or not world.main)
+    if not world.main:
+        return []
+    _wait_for(planned, quiet)
+    results = [compare_run.finished(j) for j in planned]
+    return write_report(planned, results, out, baseline=base_label, base=base)
 
 
 def command(a: argparse.Namespace) -> None:
     from pyro_vae.cli.parser import spec_from_args
-    from pyro_vae.training import distributed
 
-    distributed.refuse("compare")
     estimators = parse_estimators(a.estimators)
+    for label, name, options in estimators:
+        note = getattr(make_estimator(ESTIMATORS, name, options), "note", None)
+        if note:
+            print(f"pyro-vae: note: {label}: {note}", file=sys.stderr)
     spec = spec_from_args(a)
+    spec = dataclasses.replace(spec, train=with_budget(spec.train, a.budget, a.epochs is not None))
     out = a.out or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     compare(spec, estimators, out, eval_samples=a.eval_samples, eval_points=a.eval_points,
-            snr_repeats=a.snr_repeats, quiet=a.quiet)
-    print((out / "compare.md").read_text(), end="")
-    print(f"table: {out / 'compare.md'} and {out / 'compare.csv'}; plots: {out / 'plots'}")
+            snr_repeats=a.snr_repeats, seeds=a.seeds, baseline=a.baseline, jobs=a.jobs,
+            curve_points=a.curve_points, curve_samples=a.curve_samples, quiet=a.quiet)
+    if distributed.from_env().main:
+        print((out / "compare.md").read_text(), end="")
+        print(f"table: {out / 'compare.md'} and {out / 'compare.csv'}; plots: {out / 'plots'}")
+

@@ -144,7 +144,7 @@ def _write_plots(d: Diagnosis, model, guide, data: ArrayDataset, device) -> list
     return written
 
 
-def diagnose(model, guide, data: ArrayDataset, out: Path, *, points: int = 100, samples: int = 1000,
+def diagnose(model, guide, data: ArrayDataset, out: str | Path, *, points: int = 100, samples: int = 1000,
              gap_points: int = 50, gap_steps: int = 300, gap_particles: int = 16, gap_lr: float = 0.01,
              seed: int = 0, device: torch.device | str = "cpu", quiet: bool = False,
              write_plots: bool = True, world: distributed.World = distributed.SINGLE) -> Diagnosis | None:
@@ -159,6 +159,7 @@ def diagnose(model, guide, data: ArrayDataset, out: Path, *, points: int = 100, 
     draws from its own seed), the results are gathered, and rank 0 writes everything and returns the
     Diagnosis; the other ranks return None.
     """
+    out = Path(out)  # a str from a notebook works as well as a Path
     check_num_samples(samples)
     check_proposal(guide)
     for name, value in (("points", points), ("gap-points", gap_points), ("gap-steps", gap_steps)):
@@ -229,6 +230,12 @@ def report_lines(s: dict[str, Any]) -> list[str]:
                   f"  log p(x) - L[q] = {gaps['inference_gap']:.2f} = amortization {gaps['amortization_gap']:.2f} "
                   f"± {gaps['amortization_gap_se']:.2f} + approximation {gaps['approximation_gap']:.2f} "
                   f"± {gaps['approximation_gap_se']:.2f} nats"]
+        if gaps.get("points_disagree"):
+            lines.append(f"  at {gaps['points_disagree']} of {gaps['num_points']} points the IS estimates from q and "
+                         "from q* alone disagree beyond their standard errors (one misses posterior mass); "
+                         "log p(x) there comes from both proposals' draws together (gaps.csv: disagree)")
+        if gaps.get("local_transformed"):
+            lines.append(f"  q* is Gaussian in the unconstrained space of {', '.join(gaps['local_transformed'])}")
     lines.append(f"latent units: {lat['active_units']} of {lat['total_units']} active, KL {lat['kl']:.2f} nats")
     if lat["warning"]:
         lines.append(f"warning: {lat['warning']}")

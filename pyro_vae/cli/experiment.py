@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pyro_vae.analysis.evaluation import Evaluation, classification_accuracy, evaluate, no_likelihood_reason
+from pyro_vae.cli.preflight import check_run
 from pyro_vae.cli.runs import RunSpec, make_component, make_estimator, read_spec, versions
 from pyro_vae.data import ArrayDataset, PartiallyLabeled, load_dataset
 from pyro_vae.errors import UserError
@@ -17,11 +18,12 @@ from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.guides import GUIDES
 from pyro_vae.models import MODELS
 from pyro_vae.plots import run as plots
-from pyro_vae.programs.labels import label_use
+from pyro_vae.programs.labels import label_use, train_kwargs
 from pyro_vae.training import distributed
 from pyro_vae.training.checkpoint import LATEST, load_checkpoint
 from pyro_vae.training.device import resolve_device
 from pyro_vae.training.fit import History, fit
+from pyro_vae.training.rng import seeded
 from pyro_vae.training.run_dir import CONFIG, EVALUATION, RunDir
 
 
@@ -46,32 +48,48 @@ def classes_of(data: ArrayDataset) -> int | None:
     return max(2, int(known.max()) + 1) if known is not None and known.numel() else None
 
 
+def example_batch(model, data: ArrayDataset, size: int = 64) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The first ``size`` training points, with the keyword arguments a training step would pass: what a
+    guide built from the model (``built_from_model``) reads the model on. Drawn from a generator of its
+    own, so building never moves the run's random streams."""
+    x, y = next(data.batches(min(len(data), size), shuffle=False, generator=torch.Generator().manual_seed(0)))
+    return x, train_kwargs(model, y)
+
+
 def build(spec: RunSpec, x_dim: int, image_shape: tuple[int, ...] | None = None,
-          num_classes: int | None = None):
+          num_classes: int | None = None, train: ArrayDataset | None = None):
     """The run's model, guide and estimator; the networks' initial weights depend on the seed alone.
 
     ``x_dim``, ``image_shape`` and ``num_classes`` (from the training labels, unless the network options
-    set it) go to every component whose config has such a field."""
+    set it) go to every component whose config has such a field. A guide built from the model reads
+    it on an example batch of ``train``."""
     options = {**spec.network, "x_dim": x_dim}
     if image_shape is not None:
         options["image_shape"] = tuple(image_shape)
     if num_classes is not None:
         options.setdefault("num_classes", num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.train.seed)
+    with seeded(spec.train.seed):  # built on the CPU: only the CPU generator is seeded, and put back
         model = make_component(MODELS, spec.model, "model", options)
-        guide = make_component(GUIDES, spec.guide, "guide", options)
+        needs = getattr(GUIDES.get(spec.guide), "built_from_model", False)
+        example = example_batch(model, train) if needs and train is not None else None
+        guide = make_component(GUIDES, spec.guide, "guide", options, model=model, example=example)
     estimator = make_estimator(ESTIMATORS, spec.estimator, spec.estimator_options)
     return model, guide, estimator
 
 
 def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_points: int | None,
-                      resume: bool = False, quiet: bool = False):
-    """Train, plot and evaluate one run; returns (run, model, guide, test data, history, evaluation summary)."""
-    world = distributed.join(resolve_device(spec.train.device))
-    run = distributed.on_main(world, lambda: RunDir(out).create(fresh=not resume)) or RunDir(out)
+                      resume: bool = False, quiet: bool = False, world: distributed.World | None = None,
+                      on_epoch=None):
+    """Train, plot and evaluate one run; returns (run, model, guide, test data, history, evaluation summary).
+
+    ``world`` defaults to the processes torchrun launched (one run trained by all of them); pass
+    ``distributed.SINGLE`` to train in this process alone. ``on_epoch(row, model, guide, test)`` is called
+    after every epoch's checkpoint. Everything the run will need (``preflight.check_run``) is checked
+    before its folder is made; a run refused by ``fit`` before its first checkpoint leaves no folder
+    behind either."""
+    world = distributed.join(resolve_device(spec.train.device)) if world is None else world
     if resume:
-        saved = read_spec(run)
+        saved = read_spec(RunDir(out))
         if saved.to_dict() | {"train": {}} != spec.to_dict() | {"train": {}}:
             raise UserError(f"--resume {out}: the run was made with another model/data config; "
                             f"resume it with the options in {out / CONFIG}")
@@ -83,17 +101,47 @@ def train_run_objects(spec: RunSpec, out: Path, *, eval_samples: int, eval_point
     # rank 0 downloads and caches the data first, so the ranks never write the same files at once
     loaded = distributed.on_main(world, lambda: load_data(spec))
     train, test = loaded if world.main else load_data(spec)
-    model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train))
+    model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train), train)
     device = distributed.device_for(world, resolve_device(spec.train.device))
-    distributed.on_main(world, lambda: run.write_json(CONFIG, {
-        "spec": spec.to_dict(), "versions": versions(device), "estimator": repr(estimator),
-        **({"processes": world.size} if world.active else {})}))
-    history = fit(model, guide, estimator, train, test, spec.train, run_dir=run, resume=resume,
-                  run_config=spec.to_dict(), quiet=quiet, world=world)
+    check_run(model, guide, estimator, train, test.head(eval_points) if eval_points else test, device)
+    made = not Path(out).exists()
+    run = distributed.on_main(world, lambda: RunDir(out).create(fresh=not resume)) or RunDir(out)
+    hook = (lambda row: on_epoch(row, model, guide, test)) if on_epoch is not None else None
+    try:
+        distributed.on_main(world, lambda: run.write_json(CONFIG, {
+            "spec": spec.to_dict(), "versions": versions(device), "estimator": repr(estimator),
+            **({"processes": world.size} if world.active else {})}))
+        history = fit(model, guide, estimator, train, test, spec.train, run_dir=run, resume=resume,
+                      run_config=spec.to_dict(), quiet=quiet, world=world, on_epoch=hook)
+    except UserError:
+        if made and world.main:
+            _remove_if_unused(run.path)
+        raise
     distributed.on_main(world, lambda: write_plots(run, model, guide, test, history, device))
     summary = evaluate_run(run, model, guide, test, eval_samples, eval_points, device, spec.train.seed, quiet,
                            world)
     return run, model, guide, test, history, summary
+
+
+def _remove_if_unused(path: Path) -> None:
+    """A folder this run made, refused before its first checkpoint: remove what the run wrote (its config)
+    and the folder if nothing else is in it."""
+    if (path / "checkpoint.pt").exists():
+        return
+    (path / CONFIG).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:  # something else is in it: leave it
+        pass
+
+
+def check_spec(spec: RunSpec, *, eval_points: int | None) -> None:
+    """``preflight.check_run`` for the run ``spec`` describes, without training it (what ``compare`` checks
+    for every estimator before the first one trains)."""
+    train, test = load_data(spec)
+    model, guide, estimator = build(spec, train.dim, train.image_shape, classes_of(train), train)
+    check_run(model, guide, estimator, train, test.head(eval_points) if eval_points else test,
+              resolve_device(spec.train.device))
 
 
 def train_run(spec: RunSpec, out: Path, *, resume: bool, quiet: bool,
@@ -144,7 +192,7 @@ def load_run(path: Path, device_name: str):
     spec = read_spec(run)
     ckpt = load_checkpoint(run.path / LATEST)
     train, test = load_data(spec)
-    model, guide, _ = build(spec, test.dim, test.image_shape, classes_of(train))
+    model, guide, _ = build(spec, test.dim, test.image_shape, classes_of(train), train)
     try:
         model.load_state_dict(ckpt["model"])
         guide.load_state_dict(ckpt["guide"])

@@ -57,6 +57,30 @@ def _non_negative(kind):
 _non_negative_int, _non_negative_float = _non_negative(int), _non_negative(float)
 
 
+BUDGET_KINDS = ("epochs", "seconds", "evals")
+
+
+def _budget(text: str) -> tuple[str, float]:
+    """'epochs=N', 'seconds=S' or 'evals=E' -> (kind, value), the value positive (an integer but for seconds)."""
+    kind, sep, value = text.partition("=")
+    kind = kind.strip()
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KIND=VALUE, e.g. epochs=10, seconds=600 or evals=3e7")
+    if kind not in BUDGET_KINDS:
+        raise argparse.ArgumentTypeError(f"unknown budget kind {kind!r}; known: {', '.join(BUDGET_KINDS)}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the {kind} budget {value!r} is not a number") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"a budget of {value} {kind} trains nothing; give a positive number")
+    if kind != "seconds":
+        if number != int(number):
+            raise argparse.ArgumentTypeError(f"the {kind} budget must be a whole number, got {value}")
+        return kind, int(number)
+    return kind, number
+
+
 def _sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
@@ -132,7 +156,8 @@ def build_parser() -> _Parser:
     g = t.add_argument_group("objective")
     g.add_argument("--estimator", choices=sorted(ESTIMATORS), default=None, help="ELBO estimator (default: elbo)")
     g.add_argument("--particles", type=pos_int, default=None, help="samples per data point (K) for the estimator")
-    g.add_argument("--alpha", type=float, default=None, help="alpha of the renyi estimator")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="alpha of the renyi estimator: 0 is IWAE, 1 the ELBO; below 0 it is no lower bound")
     g = t.add_argument_group("output")
     g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<model>-<estimator>-seed<seed>-<time>)")
     g.add_argument("--resume", type=Path, metavar="RUN_DIR", default=None,
@@ -144,9 +169,11 @@ def build_parser() -> _Parser:
     g.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
 
     c = sub.add_parser("compare", help="train several estimators on the same budget and tabulate them",
-                       description="Train each estimator with the same seed, data, architecture and budget, then "
-                                   "write compare.md/.csv (test ELBO, IS NLL, KL, active units, speed, gradient "
-                                   "SNR) and plots into --out.")
+                       description="Train each estimator with the same seeds, data, architecture and budget, each "
+                                   "(estimator, seed) run in its own folder, then write compare.md/.csv (test NLL "
+                                   "over seeds, paired differences against a baseline, test ELBO, KL, active units, "
+                                   "consumed budget, gradient SNR) and plots into --out. Running the same command "
+                                   "again skips finished runs and resumes interrupted ones.")
     c.add_argument("--estimators", required=True,
                    help=f"comma-separated, options after colons, e.g. elbo,analytic-kl,iwae:k=5,dreg:k=5,stl,"
                         f"renyi:alpha=0.5:k=5 (known: {', '.join(sorted(ESTIMATORS))})")
@@ -154,7 +181,25 @@ def build_parser() -> _Parser:
     c.add_argument("--out", type=Path, default=None, help="folder for the runs and the table (default: runs/compare-<time>)")
     c.add_argument("--eval-samples", type=pos_int, default=5000, help="K for the IS log-likelihood (default: 5000)")
     c.add_argument("--eval-points", type=pos_int, default=2000, help="test points for the IS log-likelihood (default: 2000)")
-    c.add_argument("--snr-repeats", type=_at_least_two, default=50, help="gradient draws for the SNR (default: 50)")
+    c.add_argument("--snr-repeats", type=_at_least_two, default=None,
+                   help="gradient draws for the SNR (default: scaled to the training budget, 10 to 50, so that "
+                        "they cost about a tenth of the training)")
+    g = c.add_argument_group("comparison")
+    g.add_argument("--seeds", type=pos_int, default=1,
+                   help="train every estimator with seeds SEED..SEED+N-1 (default: 1; --seed defaults to 0)")
+    g.add_argument("--baseline", default=None,
+                   help="estimator the others are paired against, e.g. iwae-k5 or iwae:k=5 (default: the first)")
+    g.add_argument("--budget", type=_budget, default=None, metavar="KIND=VALUE",
+                   help="the same budget for every run: epochs=N, seconds=S (training wall clock per run) or "
+                        "evals=E (model-and-guide evaluations, particles x training points; a multiple of every K). "
+                        "With seconds or evals, --epochs is an optional cap (default: none). Default: --epochs")
+    g.add_argument("--jobs", type=pos_int, default=1,
+                   help="runs at a time, each in its own process with its share of the CPU threads (default: 1)")
+    g.add_argument("--curve-points", type=_non_negative_int, default=200,
+                   help="test points of the IS log-likelihood after every epoch, for the plot against time "
+                        "(default: 200; 0: none)")
+    g.add_argument("--curve-samples", type=pos_int, default=100,
+                   help="K of that per-epoch IS log-likelihood (default: 100)")
     c.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("evaluate", help="IS log-likelihood and ELBO of a trained run on its test set")
@@ -215,7 +260,7 @@ def spec_from_args(a: argparse.Namespace):
     for flag, field in ESTIMATOR_FLAGS.items():
         if getattr(a, flag, None) is not None:
             est_opts[field] = getattr(a, flag)
-    train = {k: getattr(a, k) if getattr(a, k) is not None else v for k, v in vars(base.train).items()}
+    train = {k: getattr(a, k) if getattr(a, k, None) is not None else v for k, v in vars(base.train).items()}
     return RunSpec(model=a.model or base.model, guide=a.guide or base.guide,
                    estimator=getattr(a, "estimator", None) or base.estimator, estimator_options=est_opts,
                    network=network, data=data, train=TrainConfig(**train))

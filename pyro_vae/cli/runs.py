@@ -43,13 +43,23 @@ def _pick(registry: dict[str, type], name: str, what: str) -> type:
     return registry[name]
 
 
-def make_component(registry: dict[str, type], name: str, what: str, options: dict[str, Any]):
-    """Build registry[name] from the options its Config dataclass declares; lists become tuples."""
+def make_component(registry: dict[str, type], name: str, what: str, options: dict[str, Any], *,
+                   model=None, example: tuple[torch.Tensor, dict[str, Any]] | None = None):
+    """Build registry[name] from the options its Config dataclass declares; lists become tuples.
+
+    A class with the capability ``built_from_model = True`` (the auto guide) is built as
+    ``cls(model, config, example=x, example_kwargs=kwargs)`` from ``model`` and ``example = (x, kwargs)``,
+    a batch as the model is called with it in training."""
     cls = _pick(registry, name, what)
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in fields}
     try:
-        return cls(cls.Config(**kwargs))
+        config = cls.Config(**kwargs)
+        if getattr(cls, "built_from_model", False):
+            if model is None or example is None:
+                raise ValueError("it is built from the model and an example batch; pass model= and example=")
+            return cls(model, config, example=example[0], example_kwargs=example[1])
+        return cls(config)
     except (TypeError, ValueError) as e:
         raise UserError(f"cannot build {what} {name!r}: {e}") from e
 

@@ -115,7 +115,7 @@ class ArrayDataset:
                 # On the CPU: a CPU generator cannot drive CUDA sampling, and the draws must not depend
                 # on the device that trains.
                 xb = torch.bernoulli(xb, generator=generator)
-            yield xb.to(device), (self.labels[idx].to(device) if self.labels is not None else None)
+            yield _to(xb, device), (_to(self.labels[idx], device) if self.labels is not None else None)
 
     def head(self, n: int) -> ArrayDataset:
         """The first n points (all if n exceeds the size), same mode; a static draw is kept, not redrawn."""
@@ -126,6 +126,15 @@ class ArrayDataset:
         out.labels = self.labels[:n].clone() if self.labels is not None else None
         out.binarize, out.image_shape = self.binarize, self.image_shape
         return out
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (a fresh CPU batch) on ``device``. To a GPU it is copied from pinned memory without blocking,
+    so drawing the next batch on the CPU overlaps the copy; the pinned block is not reused before the
+    copy has finished (torch's caching host allocator records the copy's stream). The values are the same."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def one_line(e: BaseException) -> str:

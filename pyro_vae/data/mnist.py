@@ -19,7 +19,9 @@ import numpy as np
 
 from pyro_vae.errors import UserError
 
-from .arrays import Split, one_line as _one_line
+from .arrays import Split
+from .arrays import one_line as _one_line
+
 
 @dataclass(frozen=True)
 class _Fingerprint:
@@ -162,6 +164,7 @@ def _load_mnist(root: Path, expected: _Fingerprint) -> tuple[Split, Split]:
     if cache.exists():
         a = _read_cache(cache, expected)
         return Split(a["x_train"], a["y_train"]), Split(a["x_test"], a["y_test"])
+    created = not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -171,6 +174,9 @@ def _load_mnist(root: Path, expected: _Fingerprint) -> tuple[Split, Split]:
     try:
         a, source = _from_torchvision(root, download=False), f"MNIST files in {raw}"
     except Exception:
+        # once, before ~11 MB arrive: a mistyped --data-root would otherwise fill a new folder silently
+        print(f"pyro-vae: no MNIST in {root}{' (a folder just created: check --data-root)' if created else ''}; "
+              f"fetching it there (about 11 MB, cached as {cache})", file=sys.stderr)
         try:
             # Also the path for .gz files already in raw/: torchvision checks their md5 and extracts
             # them without going online.

@@ -1,6 +1,7 @@
 """Other image datasets, loaded whole through torchvision."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 
 from pyro_vae.errors import UserError
 
-from .arrays import Split, one_line as _one_line
+from .arrays import Split
+from .arrays import one_line as _one_line
+
 
 @dataclass(frozen=True)
 class TorchvisionImages:
@@ -38,10 +41,15 @@ class TorchvisionImages:
             return cls(str(root), download=False, **kwargs)
         except Exception:  # missing or incomplete files: let torchvision fetch them
             pass
+        created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create the data folder {root} ({_one_line(e)})") from None
+        if train:  # once per dataset, before the download: where it goes
+            print(f"pyro-vae: no {self.name} in {root}"
+                  f"{' (a folder just created: check --data-root)' if created else ''}; fetching it there",
+                  file=sys.stderr)
         try:
             return cls(str(root), download=True, **kwargs)
         except Exception as e:

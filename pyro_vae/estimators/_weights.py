@@ -11,6 +11,7 @@ stop_guide_params=True)`` builds exactly that (see ``_stopped_guide_log_prob``).
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from weakref import WeakKeyDictionary
@@ -23,6 +24,8 @@ from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER
 from pyro.poutine.messenger import Messenger
 
 from pyro_vae.errors import UserError
+from pyro_vae.estimators._checks import enumerated_refusal, model_only_enumerated, reparameterization_refusal
+from pyro_vae.estimators._enumerated import summed_log_density
 from pyro_vae.programs.sites import _trace, latent_sites, max_plate_nesting, sample_sites
 
 _NESTING: WeakKeyDictionary = WeakKeyDictionary()
@@ -52,12 +55,42 @@ def particle_traces(model, guide, k: int, *args, **kwargs) -> tuple[poutine.Trac
     return _traces(model, guide, k, args, kwargs, separate=False)
 
 
-def _traces(model, guide, k: int, args: tuple, kwargs: dict, separate: bool) -> tuple[poutine.Trace, poutine.Trace]:
+class _FixedDraws(Messenger):
+    """Each latent draw is detached as it is drawn, before any trace records it or the program reads it:
+    no gradient reaches the guide's parameters through a draw, not even through q(z2|z1)'s use of z1."""
+
+    def _pyro_post_sample(self, msg) -> None:
+        if not msg["is_observed"] and torch.is_tensor(msg["value"]):
+            msg["value"] = msg["value"].detach()
+
+
+def _traces(model, guide, k: int, args: tuple, kwargs: dict, separate: bool,
+            fixed_draws: bool = False) -> tuple[poutine.Trace, poutine.Trace]:
     dim = -plate_nesting(model, *args, **kwargs) - 1
-    guide_tr = poutine.trace(_vectorized(guide, k, dim)).get_trace(*args, **kwargs)
+    with _FixedDraws() if fixed_draws else contextlib.nullcontext(), _vectorization_errors(guide, k):
+        # _FixedDraws outside the trace: it records the detached draws
+        guide_tr = poutine.trace(_vectorized(guide, k, dim)).get_trace(*args, **kwargs)
     values_tr = _values_trace(guide_tr, separate)
-    model_tr = poutine.trace(poutine.replay(_vectorized(model, k, dim), trace=values_tr)).get_trace(*args, **kwargs)
+    with _vectorization_errors(model, k):
+        model_tr = poutine.trace(poutine.replay(_vectorized(model, k, dim), trace=values_tr)).get_trace(*args, **kwargs)
     return model_tr, guide_tr
+
+
+@contextlib.contextmanager
+def _vectorization_errors(program, k: int):
+    """A program that runs on a batch but not with particles in a plate left of its plates (it reshapes or
+    indexes from the left, ``z.view(B, -1)``, ``z[:, 0]``): one line saying so, not Pyro's trace table with
+    its internal plate."""
+    try:
+        yield
+    except (UserError, torch.OutOfMemoryError):
+        raise
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].replace("_particles", "particle plate")
+        name = getattr(program, "__name__", None) or type(program).__name__
+        raise UserError(f"{name} fails when run with {k} draws per data point in a plate left of its own plates "
+                        f"({first}): write it to broadcast over leading batch dims (index and reshape from the "
+                        "right: z[..., 0], z.reshape(*z.shape[:-1], 2, 2))") from e
 
 
 def _site_log_prob(site: dict, nesting: int, stop_params: bool) -> torch.Tensor:
@@ -144,7 +177,7 @@ def _values_trace(guide_tr: poutine.Trace, separate: bool) -> poutine.Trace:
     return tr
 
 
-def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
+def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False, fixed_draws: bool = False,
                 **kwargs) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
     """Log importance weights of shape (k, B), and the model and guide traces that made them.
 
@@ -153,17 +186,38 @@ def log_weights(model, guide, k: int, *args, stop_guide_params: bool = False,
     through other draws in a hierarchical guide): the form the path-derivative estimators (STL,
     DReG) differentiate. The model trace then holds separate copies of the draws, which are the
     values log w was computed from (``_values_trace`` says why DReG needs them).
+
+    With ``fixed_draws`` every draw is detached as it is drawn (``_FixedDraws``): log w depends on the
+    parameters only through the densities, the form reweighted wake-sleep differentiates.
+
+    A model-side enumerated site (``infer={"enumerate": "parallel"}`` in the model, none in the guide,
+    e.g. a mixture component c) is summed out exactly: log w = log sum_c p(x, z, c) - log q(z|x)
+    (``pyro_vae.estimators._enumerated``).
     """
-    model_tr, guide_tr = _traces(model, guide, k, args, kwargs, separate=stop_guide_params)
+    return _log_weights(model, guide, k, args, kwargs, stop_guide_params, None, fixed_draws)
+
+
+def _log_weights(model, guide, k: int, args: tuple, kwargs: dict, stop_guide_params: bool,
+                 estimator: str | None, fixed_draws: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
+    model_tr, guide_tr = _traces(model, guide, k, args, kwargs, separate=stop_guide_params, fixed_draws=fixed_draws)
     nesting = plate_nesting(model, *args, **kwargs)
     for name in latent_sites(model_tr):
         if not any(f.dim == -1 and f.vectorized for f in model_tr.nodes[name]["cond_indep_stack"]
                    if f.name != "_particles"):
             raise UserError(f"importance weights need every latent inside the data plate at dim -1; "
                             f"{name!r} is global, so its weight would be shared by all points")
-    log_w = 0.0
-    for site in sample_sites(model_tr).values():
-        log_w = log_w + _site_log_prob(site, nesting, False)
+    enumerated = model_only_enumerated(sample_sites(model_tr), guide_tr.nodes)
+    if enumerated and estimator is not None:
+        raise enumerated_refusal(estimator, enumerated)
+    if enumerated:  # the model run again, its enumerated sites summed out, on the values it consumed
+        values = poutine.Trace()
+        for n in latent_sites(guide_tr):
+            values.add_node(n, **{**guide_tr.nodes[n], "value": model_tr.nodes[n]["value"]})
+        log_w = summed_log_density(_vectorized(model, k, -nesting - 1), values, nesting, args, kwargs)
+    else:
+        log_w = 0.0
+        for site in sample_sites(model_tr).values():
+            log_w = log_w + _site_log_prob(site, nesting, False)
     if stop_guide_params:
         log_w = log_w - _stopped_guide_log_prob(guide, guide_tr, model_tr, k, nesting, args, kwargs)
     else:
@@ -184,16 +238,20 @@ def require_unscaled(model_tr: poutine.Trace, guide_tr: poutine.Trace, estimator
 
 
 def require_reparameterized(guide_tr: poutine.Trace, estimator: str) -> None:
-    bad = [n for n in latent_sites(guide_tr) if not guide_tr.nodes[n]["fn"].has_rsample]
+    """Refuse guide sites without a reparameterized sampler, naming the estimators that fit them (the one
+    message, built in ``_checks.reparameterization_refusal``)."""
+    bad = {n: guide_tr.nodes[n]["fn"] for n in latent_sites(guide_tr) if not guide_tr.nodes[n]["fn"].has_rsample}
     if bad:
-        raise UserError(f"{estimator} needs reparameterizable guide sites; {', '.join(bad)} "
-                        "cannot be reparameterized (use the elbo estimator)")
+        raise reparameterization_refusal(estimator, bad)
 
 
 def estimator_log_weights(name: str, model, guide, k: int, args: tuple, kwargs: dict, *,
-                          path_derivative: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
-    """log_weights for an importance-weighted estimator, after checking what its gradient needs."""
-    log_w, (model_tr, guide_tr) = log_weights(model, guide, k, *args, stop_guide_params=path_derivative, **kwargs)
-    require_reparameterized(guide_tr, name)
+                          path_derivative: bool = False, reparameterized: bool = True,
+                          fixed_draws: bool = False) -> tuple[torch.Tensor, tuple[poutine.Trace, poutine.Trace]]:
+    """log_weights for an importance-weighted estimator, after checking what its gradient needs
+    (``reparameterized=False`` for estimators with score-function or wake-phase guide gradients)."""
+    log_w, (model_tr, guide_tr) = _log_weights(model, guide, k, args, kwargs, path_derivative, name, fixed_draws)
+    if reparameterized:
+        require_reparameterized(guide_tr, name)
     require_unscaled(model_tr, guide_tr, name)
     return log_w, (model_tr, guide_tr)

@@ -8,6 +8,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO
 
+from ._checks import checked_call, quiet_pyro_guesses
 from ._weights import check_num_particles
 
 
@@ -28,6 +29,8 @@ class ELBO:
 
     ``num_particles`` > 1 averages that many samples, vectorized over a particle plate placed left
     of the model's plates. A model with a ``kl_scale`` (beta-VAE) gets -(E_q[log p(x|z)] - scale * KL).
+    A model-side enumerated site (``infer={"enumerate": "parallel"}``, no guide site) is refused: enum-elbo
+    sums it out. A guide's ``infer={"baseline": ...}`` is not used (and said so, once).
     """
 
     num_particles: int = 1
@@ -40,4 +43,7 @@ class ELBO:
         object.__setattr__(self, "_elbo", elbo)
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return self._elbo.differentiable_loss(model, kl_scaled_guide(model, guide), *args, **kwargs)
+        def run(m, g):
+            return self._elbo.differentiable_loss(m, kl_scaled_guide(model, g), *args, **kwargs)
+        with quiet_pyro_guesses():
+            return checked_call("elbo", model, guide, run, args, kwargs)

@@ -31,6 +31,20 @@ class Renyi:
         if not math.isfinite(float(self.alpha)):
             raise ValueError(f"alpha must be a finite number, got {self.alpha}")
 
+    @property
+    def note(self) -> str | None:
+        """What a user choosing this alpha should know (the command line prints it), or None."""
+        a = float(self.alpha)
+        if a == 1:
+            return ("renyi at alpha 1 is the ELBO (the limit alpha -> 1: the mean log-weight), the same bound as "
+                    "--estimator elbo")
+        if a < 0:
+            return (f"renyi at alpha {a:g} < 0 is no lower bound: for large K it bounds log p(x) from above "
+                    "(Li & Turner 2016), so its values do not compare with the other estimators' bounds")
+        if a > 1:
+            return f"renyi at alpha {a:g} > 1 is a looser lower bound than the ELBO (the bound falls as alpha grows)"
+        return None
+
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
         log_w, _ = estimator_log_weights("renyi", model, guide, self.num_particles, args, kwargs)
         if self.alpha == 1:

@@ -20,6 +20,7 @@ from pyro_vae.data.arrays import ArrayDataset
 from pyro_vae.plots import run as plots
 from pyro_vae.programs.labels import eval_kwargs, label_use, sample_kwargs
 from pyro_vae.programs.sites import _trace, latent_sites, observed_sites
+from pyro_vae.training.rng import program_device, seeded
 
 Unit = tuple[str, int]  # (site, index in the site's flattened value)
 
@@ -69,9 +70,7 @@ def khat_plot(diag: ImportanceDiagnostics, path: Path) -> Path:
 @torch.no_grad()
 def prior_draws(model, n: int = 5000, seed: int = 0) -> dict[str, np.ndarray]:
     """n draws z ~ p(z) per latent site, flattened per point: (n, F)."""
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+    with seeded(seed, program_device(model)):
         tr = _trace(model, None, batch_size=n, **sample_kwargs(model, n))
     return {s: per_point(tr.nodes[s]["value"], tr.nodes[s]["fn"].event_dim).double().cpu().numpy()
             for s in latent_sites(tr)}
@@ -93,7 +92,9 @@ def marginals_plot(diag: ImportanceDiagnostics, prior: dict[str, np.ndarray], un
         ax.hist(z, bins=bins, density=True, histtype="step", color="C0", lw=1.5, label="q(z|x)")
         ax.hist(z, bins=bins, weights=weights, density=True, histtype="step", color="C3", lw=1.5,
                 label="q reweighted (PSIS) ~ p(z|x)")
-        if gaps is not None and point < len(gaps.points) and site in gaps.local_loc:
+        # q* of a constrained site is Gaussian in its unconstrained space, not in z: no such curve for it
+        if (gaps is not None and point < len(gaps.points) and site in gaps.local_loc
+                and site not in gaps.local_transformed):
             loc = gaps.local_loc[site].reshape(len(gaps.points), -1)[point, i]
             scale = gaps.local_scale[site].reshape(len(gaps.points), -1)[point, i]
             grid = np.linspace(lo, hi, 400)
@@ -114,6 +115,7 @@ def _first_batch(data: ArrayDataset, n: int, device) -> tuple[torch.Tensor, torc
 def _pairs(y: torch.Tensor | None, n: int, count: int) -> list[tuple[int, int]]:
     """Pairs of point indices, of different labels where there are labels."""
     pairs = []
+    y = None if y is None else y.tolist()  # one copy, not a device sync per comparison
     for a in range(n):
         for b in range(a + 1, n):
             if len(pairs) < count and all(a not in p and b not in p for p in pairs) and (y is None or y[a] != y[b]):
@@ -199,7 +201,7 @@ def kl_plot(health: LatentHealth, path: Path) -> Path:
     ax.set_xlabel("latent unit (" + ", ".join(dict.fromkeys(r["site"] for r in rows)) + ")")
     ax.set_ylabel("KL to the prior (nats)")
     ax.set_title(f"KL per latent unit: {health.active} of {health.total} units active "
-                 f"(Cov_x E_q[z_d|x] > {health.threshold})", fontsize=9)
+                 f"(Cov_x E_q[z_d|x] > {health.threshold} Var_p(z_d))", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -15,6 +15,7 @@ from torchvision.utils import make_grid
 from pyro_vae.data.arrays import ArrayDataset
 from pyro_vae.programs.labels import eval_kwargs, sample_kwargs
 from pyro_vae.programs.sites import _trace, latent_sites, latent_summary, mean_or_sample, observed_sites
+from pyro_vae.training.rng import seeded
 
 
 @torch.no_grad()
@@ -102,8 +103,7 @@ def prior_samples(model, data: ArrayDataset, path: Path, n: int = 64, seed: int 
     x, y = next(data.batches(2, shuffle=False, generator=torch.Generator(), device=device))
     observed = _observed(model, x, **eval_kwargs(model, y))
     kw = sample_kwargs(model, n, label, device)
-    with pyro.get_param_store().scope():
-        torch.manual_seed(seed)
+    with pyro.get_param_store().scope(), seeded(seed, device):  # the caller's streams are left as they were
         means = decode(model, {}, n, observed, **kw)
     if "y" in kw:
         title = f"Decoder means of {n} draws z ~ p(z), " + (f"label {label}" if label is not None
@@ -125,7 +125,8 @@ def latent_scatter(guide, data: ArrayDataset, path: Path, n: int = 5000, device=
         means = posterior_means(guide, x, **eval_kwargs(model, y))
         # continuous latents only: a discrete site's class index is not a coordinate
         zs.append(torch.cat([v.reshape(v.shape[0], -1) for v in means.values() if v.is_floating_point()], -1).cpu())
-        ys.append(y if y is not None else torch.zeros(x.shape[0], dtype=torch.long))
+        # labels come back to the CPU with the latents: a CPU tensor cannot be indexed by a CUDA mask
+        ys.append(y.cpu() if y is not None else torch.zeros(x.shape[0], dtype=torch.long))
     z, y = torch.cat(zs).double(), torch.cat(ys)
     if z.shape[1] > 2:
         zc = z - z.mean(0)

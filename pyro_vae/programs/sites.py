@@ -7,6 +7,7 @@ import torch
 from pyro.poutine.util import site_is_subsample
 
 from pyro_vae.errors import UserError
+from pyro_vae.programs.structure import check_site_pair, check_structure, plate_error
 
 
 def _trace(fn, *args, **kwargs) -> poutine.Trace:
@@ -35,16 +36,40 @@ def max_plate_nesting(trace: poutine.Trace) -> int:
     return -min(dims) if dims else 0
 
 
-def check_pairing(model, guide, x: torch.Tensor, **kwargs) -> None:
-    """Raise a UserError naming any latent site the guide misses or adds, relative to the model."""
-    model_latents = set(latent_sites(_trace(model, x, **kwargs)))
+def _structured_trace(program, x: torch.Tensor, **kwargs) -> poutine.Trace:
+    """A trace of ``program``, its shapes checked against the contract (``structure.check_structure``)."""
     try:
-        guide_latents = set(latent_sites(_trace(guide, x, **kwargs)))
+        tr = _trace(program, x, **kwargs)
+    except ValueError as e:
+        err = plate_error(e, program)
+        if err is not None:
+            raise err from e
+        raise
+    check_structure(tr, program, sample_sites(tr), x.shape[0])
+    return tr
+
+
+def check_pairing(model, guide, x: torch.Tensor, **kwargs) -> None:
+    """Raise a UserError naming any latent site the guide misses or adds, relative to the model, or samples
+    with other plates, event dims, shape or support than the model's (``structure.check_site_pair``).
+
+    A model's discrete site marked ``infer={"enumerate": "parallel"}`` needs no guide site: enum-elbo sums
+    it out, the evaluation too, and the other estimators say they cannot."""
+    model_tr = _structured_trace(model, x, **kwargs)
+    try:
+        guide_tr = _structured_trace(guide, x, **kwargs)
+    except UserError:
+        raise
     except (ValueError, RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{type(guide).__name__} does not fit {type(model).__name__}: the guide fails on "
                         f"its data: {first}") from e
-    missing, extra = sorted(model_latents - guide_latents), sorted(guide_latents - model_latents)
+    model_sites, guide_sites = sample_sites(model_tr), sample_sites(guide_tr)
+    model_latents, guide_latents = set(latent_sites(model_tr)), set(latent_sites(guide_tr))
+    summed = {n for n in model_latents - guide_latents
+              if (model_sites[n].get("infer") or {}).get("enumerate") == "parallel"
+              and model_sites[n]["fn"].support.is_discrete}
+    missing, extra = sorted(model_latents - guide_latents - summed), sorted(guide_latents - model_latents)
     if missing or extra:
         parts = []
         if missing:
@@ -52,12 +77,17 @@ def check_pairing(model, guide, x: torch.Tensor, **kwargs) -> None:
         if extra:
             parts.append(f"the guide samples {', '.join(extra)}, which the model does not have")
         raise UserError(f"{type(guide).__name__} does not fit {type(model).__name__}: " + "; ".join(parts))
+    for name in sorted(model_latents & guide_latents):
+        check_site_pair(name, model, guide, model_sites[name], guide_sites[name])
 
 
 def check_data_fits(model, x: torch.Tensor, **kwargs) -> None:
-    """Raise a UserError if a batch does not fit the model: wrong shape, or outside the likelihood's support."""
+    """Raise a UserError if a batch does not fit the model: wrong shape, or outside the likelihood's support.
+    The model's plates and shapes are checked first (``structure.check_structure``)."""
     try:
-        trace = _trace(model, x, **kwargs)
+        trace = _structured_trace(model, x, **kwargs)
+    except UserError:
+        raise
     except (ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"data of shape {tuple(x.shape[1:])} per point do not fit {type(model).__name__}: {first}") from e

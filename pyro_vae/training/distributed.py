@@ -65,13 +65,17 @@ def start(world: World, device_type: str) -> None:
     if not world.active or dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"
+    bound = {}
     if device_type == "cuda":
         if torch.cuda.device_count() <= world.local_rank:
             raise UserError(f"local rank {world.local_rank} has no CUDA device "
                             f"(this machine has {torch.cuda.device_count()}); use fewer processes per node")
         torch.cuda.set_device(world.local_rank)
+        # binds the group to this rank's GPU: NCCL connects at once, and a barrier or an object collective
+        # can never pick another rank's device (the "guessing the device" failure of NCCL barriers)
+        bound["device_id"] = torch.device("cuda", world.local_rank)
     dist.init_process_group(backend, rank=world.rank, world_size=world.size,
-                            timeout=datetime.timedelta(minutes=30))
+                            timeout=datetime.timedelta(minutes=30), **bound)
 
 
 def device_for(world: World, device: torch.device) -> torch.device:

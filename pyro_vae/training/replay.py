@@ -1,115 +1,73 @@
-"""Record an estimator's loss once per input signature as a graph of tensor operations, and replay it.
+"""Record an estimator's loss once per signature as a graph of tensor operations, and replay it.
 
 Running a Pyro program costs Python work on every step: effect handlers, traces, ``pyro.module``
-registrations, site checks. The tensor operations a static program performs depend only on the shapes
-of its inputs, so ``Replayed(estimator)`` records them once per signature with ``make_fx`` (above
-autograd, so ``detach`` and grad-mode changes are kept) and afterwards calls that graph on the live
-parameters: same operations, same random draws in the same order, same loss and gradients, without
-the Python.
+registrations, site checks. ``Replayed(estimator)`` records the tensor operations of one step with
+``make_fx`` (above autograd, so ``detach`` and grad-mode changes are kept) and afterwards calls that
+graph on the live parameters: same operations, same random draws in the same order, same loss and
+gradients, without the Python.
 
-What is recorded: the model's and guide's parameters and buffers and the tensor arguments are the
-graph's inputs; everything else the program reads is fixed at recording time. The signature therefore
-holds the shapes, dtypes and devices of the tensor arguments, the non-tensor arguments, grad mode,
-``training`` flags and the model's ``kl_scale``. A program that is not static falls back to the
-ordinary eager call, so results never change, only speed:
+The contract: for any Pyro program, the replayed loss gives what the eager call gives (bit for bit
+on the CPU), or the estimator runs eagerly and a ``ReplayWarning`` says once why. Three layers keep it:
 
-- data-dependent Python control flow (``if x.sum() > 0``, ``.item()``) cannot be recorded;
-- a ``pyro.param`` created inside ``forward`` or any other tensor that requires grad and is not a
-  module parameter would be frozen into the graph;
-- a program whose signature keeps changing (KL warm-up moves ``kl_scale`` every step) is recorded at
-  most ``max_signatures`` times.
+- **the signature** (``replay_key``): the graph of a step is used only for steps with the same
+  argument shapes, module attributes, training flags, parameter identities, hooks, effect handlers
+  and modes; any other step runs eagerly first and is recorded when seen again;
+- **the rules at recording time** (``replay_record``): programs a graph cannot stand for (data-
+  dependent control flow or sizes, autograd.Function, NumPy/Python randomness, side effects on
+  attributes, ...) run eagerly from then on, and so does an estimator that declares
+  ``replay_unsafe = "<reason>"`` (Python state that changes between steps);
+- **the audit** (``replay_svi``): on a schedule the trainer computes a replayed step again eagerly
+  from the same state and compares the loss and every gradient, catching what nothing can key
+  (a global, a closure).
 
-Pyro's own ELBOs convert values with ``.item()`` and check for NaN; while recording, those become a
-``detach`` (in double precision, as Python floats are) and a no-op, and the recorded loss is cast to
-the dtype the eager call returned: the value and the gradient are bit-identical to the eager ones.
+Calls without grad (evaluation) run eagerly, and so does the first call of each signature; the
+second records, and later ones replay. With ``compile=True`` the recorded graph also goes through
+``torch.compile`` (inductor, its random draws left to the eager kernels so they match): equal
+losses to float tolerance, a compilation of some seconds per signature; if compiling fails at any
+point (forward or the first backward), the graph is replayed uncompiled, with one warning.
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.infer import SVI
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.nn.utils.stateless import _reparametrize_module
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from torch.utils import _pytree as pytree
 
-from pyro_vae.estimators import grad_scaling
-from pyro_vae.training.distributed import all_reduce_grads
-from pyro_vae.training.simplify import simplify
+from pyro_vae.training.replay_key import Unkeyable, describe_change, module_state, object_state, signature
+from pyro_vae.training.replay_record import NotReplayable, Recording, StepState, record
+from pyro_vae.training.replay_warning import ReplayWarning, warn
 
-_PYRO_MODULES_WITH_ITEM = ("pyro.infer.util", "pyro.infer.trace_elbo", "pyro.infer.trace_mean_field_elbo",
-                           "pyro.infer.traceenum_elbo", "pyro.infer.renyi_elbo", "pyro.infer.tracegraph_elbo")
+__all__ = ["Replayed", "ReplaySVI", "ReplayWarning"]
 
-
-def _detached_item(x):
-    # .item() gives a Python float: a double, so sums of items are double sums; keep them double
-    return x.detach().double() if torch.is_tensor(x) else x
-
-
-def _no_nan_check(value, *args, **kwargs):
-    return value
-
-
-@contextlib.contextmanager
-def _tensor_only_pyro():
-    """Pyro's ``torch_item`` and ``warn_if_nan`` read tensor values; while recording, keep them tensors."""
-    saved = []
-    try:
-        for name in _PYRO_MODULES_WITH_ITEM:
-            module = importlib.import_module(name)
-            for attr, stand_in in (("torch_item", _detached_item), ("warn_if_nan", _no_nan_check)):
-                if hasattr(module, attr):
-                    saved.append((module, attr, getattr(module, attr)))
-                    setattr(module, attr, stand_in)
-        yield
-    finally:
-        for module, attr, original in reversed(saved):
-            setattr(module, attr, original)
-
-
-def _rng_states(devices: set[torch.device]) -> list:
-    states: list = [torch.get_rng_state()]
-    states += [(d, torch.cuda.get_rng_state(d)) for d in devices if d.type == "cuda"]
-    return states
-
-
-def _set_rng_states(states: list) -> None:
-    torch.set_rng_state(states[0])
-    for d, s in states[1:]:
-        torch.cuda.set_rng_state(s, d)
+# torch.compile options: inductor draws random numbers with the eager kernels, so replays draw the same
+COMPILE_OPTIONS = {"fallback_random": True}
 
 
 @dataclass
-class _Recording:
-    graph: Callable
-    live: tuple[torch.Tensor, ...]      # parameters and buffers, in the graph's input order
-    params: tuple[torch.Tensor, ...]    # the parameters the program registered (what SVI steps)
-    plain: Callable | None = None       # the uncompiled graph, while a compiled one is unproven
+class Pending:
+    """A replayed step whose checks run after its backward pass (in ``ReplaySVI``)."""
 
-
-_EAGER = object()  # marks a signature that is run eagerly
-def _refuse_hook(self, hook):
-    raise RuntimeError("a gradient hook cannot be recorded; use pyro_vae.estimators.grad_scaling.scale_grad")
+    start: StepState                 # the state the step started from, to run it again eagerly
+    ok: torch.Tensor | None          # validation's flag, when the graph has checks
+    audit: bool                      # whether to compare the step with an eager one
+    exact: bool                      # compare bit for bit (else to float tolerance)
+    written: list[torch.Tensor]      # what the step wrote in place (compared too)
+    devices: frozenset
 
 
 class Replayed:
-    """``estimator`` with its loss recorded once per input signature and replayed afterwards.
+    """``estimator`` with its loss recorded once per signature and replayed afterwards.
 
     A drop-in estimator: ``(model, guide, *args, **kwargs) -> loss`` with the same value and gradient
-    as ``estimator``. Calls without grad (evaluation) run eagerly, and so does the first call of each
-    signature; the second records, and later ones replay. With ``compile=True`` the recorded graph
-    goes through ``torch.compile`` (inductor, with its random draws left to the eager kernels, so they
-    match): fused kernels, equal losses to float tolerance rather than bit for bit, and a compilation
-    of some seconds per signature. A graph with ``scale_grad`` hooks (DReG) stays uncompiled: compiled,
-    it runs as one autograd node, and no gradient would pass through the hooked tensor. After a replayed call,
-    ``last_params`` holds the parameters the program registers, which ``ReplaySVI`` steps without
-    tracing them again. ``compile=True`` also hands the recorded graph to ``torch.compile``.
+    as ``estimator``. After a replayed call, ``last_params`` holds the parameters the program
+    registers, which ``ReplaySVI`` steps without tracing them again. ``fallback_reason`` says why
+    it runs eagerly, once it does; ``events`` lists each switch with the step it happened at.
+    A graph with ``scale_grad`` hooks (DReG) stays uncompiled: compiled, it runs as one autograd node,
+    and no gradient would pass through the hooked tensor.
     """
 
     def __init__(self, estimator: Callable, *, max_signatures: int = 4, compile: bool = False) -> None:
@@ -118,9 +76,17 @@ class Replayed:
         self.compile = compile
         self.fallback_reason: str | None = None
         self.last_params: tuple[torch.Tensor, ...] | None = None
-        self._recordings: dict[Any, Any] = {}
-        self._seen: dict[Any, torch.dtype | None] = {}
+        self.events: list[dict[str, Any]] = []
+        # set by ReplaySVI: the step being taken, whether to audit it, and to check after the backward pass
+        self.step_number: int | None = None
+        self.audit_next = False
+        self.defer_checks = False
+        self.pending: Pending | None = None
+        self._recordings: dict[Any, Recording] = {}
+        self._seen: dict[Any, tuple] = {}  # signature -> (the eager loss's dtype, the objects it names)
+        self._last_key: Any = None
         self._owner: tuple[int, int] | None = None
+        self._unsafe_checked = False
 
     def __getattr__(self, name: str):
         # estimator properties (value_from_log_weights, num_particles, ...) read through the wrapper
@@ -133,7 +99,8 @@ class Replayed:
 
     def __call__(self, model, guide, *args, **kwargs) -> torch.Tensor:
         self.last_params = None
-        if not torch.is_grad_enabled() or self.fallback_reason is not None:
+        self.pending = None
+        if not torch.is_grad_enabled() or self.fallback_reason is not None or not self._replay_allowed():
             return self.estimator(model, guide, *args, **kwargs)
         if self._owner != (id(model), id(guide)):
             self._recordings.clear()
@@ -141,156 +108,118 @@ class Replayed:
             self._owner = (id(model), id(guide))
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in leaves if torch.is_tensor(x)]
+        pins: list = []  # the objects the signature names by id, kept alive with it
         try:
-            key = (spec, tuple((x.shape, x.dtype, x.device, x.requires_grad) if torch.is_tensor(x) else x
-                               for x in leaves),
-                   model.training, guide.training, getattr(model, "kl_scale", None))
+            key = signature(model, guide, self.estimator, leaves, spec, pins)
             hash(key)
-        except TypeError:
+        except (Unkeyable, TypeError) as e:
+            self.give_up(str(e) if isinstance(e, Unkeyable) else f"its signature cannot be hashed ({e})")
             return self.estimator(model, guide, *args, **kwargs)
-        rec = self._recordings.get(key)
+        rec, start = self._recordings.get(key), None
         if rec is None:
-            if key not in self._seen and len(self._seen) >= 4 * self.max_signatures:
-                self._give_up(f"more than {4 * self.max_signatures} input signatures (the program changes between "
-                              "steps, e.g. KL warm-up)")
-                return self.estimator(model, guide, *args, **kwargs)
             if key not in self._seen:
-                # the first call of a signature runs eagerly: lazy set-up inside the estimator (checks, a
-                # plate-nesting probe) happens there, with validation as configured, and the recording
-                # on the next call then draws exactly the random numbers of one step
-                out = self.estimator(model, guide, *args, **kwargs)
-                self._seen[key] = out.dtype if torch.is_tensor(out) else None
-                return out
+                return self._first_sighting(key, pins, model, guide, args, kwargs)
             if len(self._recordings) >= self.max_signatures:
-                self._give_up(f"more than {self.max_signatures} input signatures (the program changes between "
-                              "steps, e.g. KL warm-up)")
+                self.give_up(f"more than {self.max_signatures} input signatures were recorded, as "
+                             f"{describe_change(self._last_key, key)} keeps changing between steps")
                 return self.estimator(model, guide, *args, **kwargs)
-            rec = self._recordings[key] = self._record(model, guide, leaves, spec, tensors, self._seen[key])
-        if rec is _EAGER:
+            try:
+                rec, start = record(model, guide, self.estimator, leaves, spec, tensors, self._seen[key][0],
+                                    lambda: self._state(model, guide))
+                rec.pins = pins
+                if self.compile and not rec.n_scaled:
+                    self._compile(rec, tensors, start)
+            except NotReplayable as e:
+                self.give_up(str(e))
+                return self.estimator(model, guide, *args, **kwargs)
+            self._recordings[key] = rec
+        self._last_key = key
+        return self._replay(rec, tensors, start, model, guide, args, kwargs)
+
+    def _replay_allowed(self) -> bool:
+        if not self._unsafe_checked:
+            self._unsafe_checked = True
+            reason = getattr(self.estimator, "replay_unsafe", None)
+            if reason:
+                self.give_up(f"{type(self.estimator).__name__} declares replay_unsafe: {reason}")
+        return self.fallback_reason is None
+
+    def _first_sighting(self, key, pins, model, guide, args, kwargs) -> torch.Tensor:
+        # the first call of a signature runs eagerly: lazy set-up inside the estimator (checks, a
+        # plate-nesting probe) happens there, and the recording on the next call then draws exactly
+        # the random numbers of one step
+        if len(self._seen) >= 4 * self.max_signatures:
+            self.give_up(f"more than {4 * self.max_signatures} input signatures were seen, as "
+                         f"{describe_change(self._last_key, key)} keeps changing between steps")
             return self.estimator(model, guide, *args, **kwargs)
-        if rec.plain is not None and rec.plain is not rec.graph:
-            try:  # the first call compiles; without a working compiler, replay the graph uncompiled
-                out = rec.graph(*rec.live, *tensors)
-            except Exception as e:
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                              "replaying the graph uncompiled", RuntimeWarning, stacklevel=2)
-                rec.graph = rec.plain
-                out = rec.graph(*rec.live, *tensors)
-            rec.plain = None
+        out = self.estimator(model, guide, *args, **kwargs)
+        self._seen[key] = (out.dtype if torch.is_tensor(out) else None, pins)
+        self._last_key = key
+        return out
+
+    def _state(self, model, guide) -> tuple:
+        pins: list = []
+        return (("the estimator", object_state(self.estimator, pins, 3)), ("the model", module_state(model, pins, True)),
+                ("the guide", module_state(guide, pins, True)))
+
+    def _compile(self, rec: Recording, tensors: list, start: StepState) -> None:
+        """Compile the graph and run it forward and backward once; on any failure keep it uncompiled."""
+        # torch.compile's first use turns torch.distributions' argument checks off for the whole process
+        validate = torch.distributions.Distribution._validate_args
+        try:
+            compiled = torch.compile(rec.graph, dynamic=False, options=dict(COMPILE_OPTIONS))
+            out = compiled(*rec.live, *tensors)
+            inputs = [t for t in (*rec.live, *tensors) if t.requires_grad]
+            if out[0].requires_grad and inputs:  # inductor compiles the backward lazily, on its first use
+                torch.autograd.grad(out[0], inputs, allow_unused=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0].strip()
+            warn(f"torch.compile failed on the recorded graph ({type(e).__name__}{': ' + first if first else ''}), "
+                 "so the graph is replayed uncompiled.")
         else:
-            out = rec.graph(*rec.live, *tensors)
-        n = (len(out) - 1) // 2
-        for t, factor in zip(out[1:1 + n], out[1 + n:]):
+            rec.graph, rec.exact = compiled, False  # a compiled graph holds its constants: bound ones unbind it
+        finally:
+            start.restore()  # the trial run drew random numbers and wrote tensors
+            torch.distributions.Distribution.set_default_validate_args(validate)
+
+    def _replay(self, rec: Recording, tensors, start, model, guide, args, kwargs) -> torch.Tensor:
+        audit = start is not None or self.audit_next  # the first replay of every recording is audited
+        for constant, module, name in rec.bound:  # tensor attributes: the graph reads the ones held now
+            now = module.__dict__.get(name)
+            if now is not getattr(rec.plain, constant):
+                setattr(rec.plain, constant, now)
+                rec.graph, rec.exact = rec.plain, all(d.type == "cpu" for d in rec.devices)
+        if start is None and (audit or rec.checked):
+            start = StepState(rec.devices, rec.written(tensors), python=audit)
+        out = rec.graph(*rec.live, *tensors)
+        n = rec.n_scaled
+        for t, factor in zip(out[1:1 + n], out[1 + n:1 + 2 * n]):
             t.register_hook(lambda g, factor=factor: g * factor)
+        ok = out[-1] if rec.checked else None
         self.last_params = rec.params
+        if not self.defer_checks and any(isinstance(h, TraceMessenger) for h in _PYRO_STACK):
+            for name in rec.param_names:  # Pyro's SVI learns what to step by tracing pyro.param statements
+                pyro.param(name)
+        if self.defer_checks:
+            self.pending = Pending(start, ok, audit, rec.exact, rec.written(tensors), rec.devices)
+        elif ok is not None and not bool(ok):  # validation failed: run the step eagerly, as eager SVI would
+            start.restore()
+            self.last_params = None
+            return self.estimator(model, guide, *args, **kwargs)
         return out[0]
 
-    def _give_up(self, reason: str) -> None:
+    def give_up(self, reason: str, *, step: int | None = None, notify: bool = True) -> None:
+        """Run the estimator eagerly from now on, and say why (once)."""
+        if self.fallback_reason is not None:
+            return
+        step = self.step_number if step is None else step
         self.fallback_reason = reason
         self._recordings.clear()
-        warnings.warn(f"running the estimator eagerly: {reason}", RuntimeWarning, stacklevel=3)
-
-    def _record(self, model, guide, leaves, spec, tensors, dtype):
-        names_m = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
-        names_g = [n for n, _ in guide.named_parameters()] + [n for n, _ in guide.named_buffers()]
-        live = tuple(t for _, t in model.named_parameters()) + tuple(t for _, t in model.named_buffers()) \
-            + tuple(t for _, t in guide.named_parameters()) + tuple(t for _, t in guide.named_buffers())
-        n_m, n_live = len(names_m), len(live)
-        estimator = self.estimator
-
-        def program(*flat):
-            state_m = dict(zip(names_m, flat[:n_m]))
-            state_g = dict(zip(names_g, flat[n_m:n_live]))
-            it = iter(flat[n_live:])
-            args, kwargs = pytree.tree_unflatten([next(it) if torch.is_tensor(x) else x for x in leaves], spec)
-            with _reparametrize_module(model, state_m), _reparametrize_module(guide, state_g):
-                loss = estimator(model, guide, *args, **kwargs)
-            if dtype is not None and torch.is_tensor(loss):
-                loss = loss.to(dtype)
-            return (loss, *(t for t, _ in scaled), *(f for _, f in scaled))
-
-        devices = {t.device for t in (*live, *tensors)}
-        rng = _rng_states(devices)
-        scaled = grad_scaling.collect()
-        hook = torch.Tensor.register_hook
-        torch.Tensor.register_hook = _refuse_hook
-        try:
-            with _tensor_only_pyro(), pyro.validation_enabled(False), \
-                    poutine.trace(param_only=True) as capture, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                graph = make_fx(program, pre_dispatch=True)(*live, *tensors)
-        except Exception as e:  # data-dependent control flow, or an op make_fx cannot record
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            self._give_up(f"it could not be recorded ({type(e).__name__}: {first[:160]})")
-            return _EAGER
-        finally:
-            torch.Tensor.register_hook = hook
-            grad_scaling.stop_collecting()
-            _set_rng_states(rng)  # the recording drew random numbers; the replay must draw the same ones
-        frozen = [n for n, c in graph.named_buffers() if c.requires_grad] + [
-            n for n in dir(graph) if n.startswith("_tensor_constant") and getattr(graph, n).requires_grad]
-        if frozen:
-            self._give_up("the program reads tensors that require grad but are not module parameters "
-                          "(pyro.param inside forward?); they would be frozen")
-            return _EAGER
-        live_ids = {id(t) for t in live}
-        params = []
-        for site in capture.trace.nodes.values():
-            p = site["value"].unconstrained()
-            if id(p) not in live_ids:
-                self._give_up(f"parameter {site['name']!r} is not a parameter of the model or guide module")
-                return _EAGER
-            params.append(p)
-        simplify(graph)
-        runner = graph
-        # a compiled graph runs as one autograd node, so no gradient passes through a hooked output
-        if self.compile and not scaled:
-            import torch._inductor.config as inductor
-
-            inductor.fallback_random = True  # draw with the eager kernels: the same random numbers as eager
-            runner = torch.compile(graph, dynamic=False)
-        return _Recording(graph=runner, live=live, params=tuple(dict.fromkeys(params)), plain=graph)
+        self._seen.clear()
+        self.events.append({"step": step, "reason": reason})
+        if notify:
+            where = f" from step {step} on" if step is not None else ""
+            warn(f"pyro-vae runs {type(self.estimator).__name__} eagerly{where}, because {reason}.")
 
 
-class ReplaySVI(SVI):
-    """``pyro.infer.SVI`` whose step takes the parameters from a ``Replayed`` loss when it has them.
-
-    ``SVI.step`` traces every ``pyro.param`` statement to learn what to step; a replayed loss runs
-    none, and reports them in ``last_params`` instead. Gradients are set to None after the step
-    rather than to zeros; a parameter that had a gradient before and has none now gets zeros, and one
-    that never had one is left out, as with Pyro's ``zero_grads``.
-    With a ``world`` of several processes, the gradients are summed over the ranks before the step
-    (``pyro_vae.distributed``), so every rank makes the update of the whole batch.
-    """
-
-    def __init__(self, model, guide, optim, loss, world=None) -> None:
-        self.world = world
-        self._graded: set = set()
-
-        def loss_and_grads(*args, **kwargs):
-            value = loss(*args, **kwargs)
-            if getattr(value, "requires_grad", False):
-                value.backward()
-            return value
-
-        super().__init__(model, guide, optim, loss, loss_and_grads=loss_and_grads)
-
-    def step(self, *args, **kwargs) -> float:
-        with poutine.trace(param_only=True) as capture:
-            loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        params = getattr(self.loss, "last_params", None)
-        if params is None:
-            params = tuple(dict.fromkeys(site["value"].unconstrained() for site in capture.trace.nodes.values()))
-        for p in params:
-            if p.grad is not None:
-                self._graded.add(p)
-            elif p in self._graded:  # Pyro keeps a zero gradient once a parameter has had one
-                p.grad = torch.zeros_like(p)
-            elif self.world is not None and self.world.active:  # the all-reduce needs every rank's
-                p.grad = torch.zeros_like(p)
-        if self.world is not None and self.world.active:
-            all_reduce_grads(self.world, params)  # the batch's gradient: the sum of the ranks' (losses are sums)
-        self.optim(params)
-        for p in params:
-            p.grad = None
-        return loss.item() if torch.is_tensor(loss) else float(loss)
+from pyro_vae.training.replay_svi import ReplaySVI  # noqa: E402  (ReplaySVI reads Replayed's results)
