@@ -21,6 +21,7 @@ import pyro.poutine as poutine
 import torch
 from tqdm import tqdm
 
+from pyro_vae.analysis.evaluation import CHUNK
 from pyro_vae.analysis.importance import check_proposal
 from pyro_vae.analysis.local_fit import LocalGaussian, gaussian_start
 from pyro_vae.errors import UserError
@@ -190,7 +191,7 @@ class InferenceGaps:
 
 def inference_gaps(model, guide, x: torch.Tensor, y: torch.Tensor | None = None, *, steps: int = 300,
                    particles: int = 16, lr: float = 0.01, num_samples: int = 1000, points: np.ndarray | None = None,
-                   max_particles_per_chunk: int = 20000, quiet: bool = True) -> InferenceGaps:
+                   max_particles_per_chunk: int = CHUNK, quiet: bool = True) -> InferenceGaps:
     """Fit a local mean-field Gaussian q*(z|x_n) to every row of ``x`` at once and measure the gaps.
 
     q* (``local_fit.LocalGaussian``) is Gaussian in each latent's unconstrained space (``biject_to`` of its

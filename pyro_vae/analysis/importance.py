@@ -27,6 +27,7 @@ import pyro
 import torch
 from tqdm import tqdm
 
+from pyro_vae.analysis.evaluation import CHUNK
 from pyro_vae.analysis.latent_stats import per_point
 from pyro_vae.errors import UserError
 from pyro_vae.estimators._weights import log_weights
@@ -200,7 +201,7 @@ def save_netcdf(idata: az.InferenceData, path: Path) -> Path:
 @torch.no_grad()
 def importance_diagnostics(model, guide, x: torch.Tensor, y: torch.Tensor | None = None, *,
                            num_samples: int = 1000, points: np.ndarray | None = None,
-                           max_particles_per_chunk: int = 20000, quiet: bool = True) -> ImportanceDiagnostics:
+                           max_particles_per_chunk: int = CHUNK, quiet: bool = True) -> ImportanceDiagnostics:
     """Draw ``num_samples`` z ~ q(z|x) per row of ``x`` and compute log-weights, k-hat, ESS and log p(x).
 
     Labels ``y`` reach the programs through ``labels.eval_kwargs`` (log p(x | y) for a conditional model).
