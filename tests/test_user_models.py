@@ -833,3 +833,39 @@ def test_diagnose_a_mixture_prior_model_into_a_folder_given_as_a_str(tmp_path):
     se = np.sqrt(np.maximum(1 / d.importance.ess - 1 / d.importance.num_samples, 0))
     assert np.all(np.abs(ll - exact) < 4 * se + 0.05), (ll - exact, se)
     assert np.all(np.abs(d.gaps.log_likelihood - exact[:5]) < 4 * d.gaps.log_likelihood_se + 0.05)
+
+
+def test_a_plain_torch_module_that_registers_no_parameter_gets_one_line_before_training():
+    """A model and guide written as plain nn.Modules without pyro.module: Pyro's SVI sees no parameter."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from pyro_vae import ArrayDataset, TrainConfig, fit
+    from pyro_vae.errors import UserError
+    from pyro_vae.estimators import ESTIMATORS
+
+    class PlainModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = torch.nn.Linear(2, 6)
+
+        def forward(self, x):
+            with pyro.plate("data", x.shape[0], dim=-1):
+                z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+    class PlainGuide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Linear(6, 4)
+
+        def forward(self, x):
+            loc, log_scale = self.encoder(x).chunk(2, -1)
+            with pyro.plate("data", x.shape[0], dim=-1):
+                pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    data = ArrayDataset(torch.bernoulli(torch.full((40, 6), 0.5)), binarize="none")
+    with pytest.raises(UserError, match="neither PlainModel nor PlainGuide registers a parameter with Pyro"):
+        fit(PlainModel(), PlainGuide(), ESTIMATORS["elbo"](), data, None, TrainConfig(epochs=1, batch_size=20),
+            quiet=True)

@@ -9,11 +9,13 @@ from typing import Any, Callable
 
 import pyro
 import pyro.optim
+import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI
 from tqdm import tqdm
 
 from pyro_vae.data.arrays import ArrayDataset
+from pyro_vae.errors import UserError
 from pyro_vae.programs.labels import check_labels, eval_kwargs, train_kwargs
 from pyro_vae.programs.sites import check_data_fits, check_pairing
 from pyro_vae.training import distributed as dist
@@ -115,7 +117,12 @@ def _check_programs(model, guide, estimator, train_data: ArrayDataset, test_data
         # lazy set-up inside an estimator (e.g. Pyro guessing max_plate_nesting) may draw random
         # numbers: do it now, so a resumed run's restored RNG stream is not consumed by it
         announce_step(0, model, guide)
-        estimator(model, guide, probe, **probe_kw)
+        with poutine.trace(param_only=True) as capture:
+            estimator(model, guide, probe, **probe_kw)
+    if not capture.trace.nodes:
+        raise UserError(f"neither {type(model).__name__} nor {type(guide).__name__} registers a parameter with Pyro, "
+                        "so there is nothing to train: make them PyroModules, or call pyro.module(name, net) in "
+                        "forward for a plain torch.nn.Module")
 
 
 def _make_svi(run: Run, estimator: Callable) -> SVI:
