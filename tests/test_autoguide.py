@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from conftest import SMALL_NET
+from conftest import SMALL_NET, correlated_linear_gaussian
 from pyro.infer import SVI
 from pyro.nn import PyroModule
 from torch import nn
@@ -209,18 +209,8 @@ def test_linear_gaussian_elbo_reaches_log_p_x_and_iwae_equals_it():
     assert abs(float(iw_gap.mean())) < 3 * se + 1e-3, (float(iw_gap.mean()), se)
 
 
-def _correlated_model() -> LinearGaussian:
-    torch.manual_seed(0)
-    m = LinearGaussian(LinearGaussian.Config(x_dim=6, latent_dim=2))
-    with torch.no_grad():
-        w = torch.randn(6, 1)
-        m.weight.copy_(torch.cat([w + 0.25 * torch.randn(6, 1), w + 0.25 * torch.randn(6, 1)], 1))
-        m.log_psi.fill_(math.log(0.5))
-    return m
-
-
 def test_low_rank_family_closes_the_mean_field_gap_of_a_correlated_posterior():
-    model = _correlated_model()
+    model = correlated_linear_gaussian()
     cov = model.exact_posterior()[2]
     precision = torch.linalg.inv(cov)
     mean_field_gap = 0.5 * float(precision.diagonal().log().sum() - torch.logdet(precision))
@@ -240,7 +230,7 @@ def test_low_rank_family_closes_the_mean_field_gap_of_a_correlated_posterior():
 
 def test_iaf_family_is_a_normalized_density_and_trains():
     """The IAF family's log q of its own draws equals log q recomputed by inverting the flow, with particles."""
-    model = _correlated_model()
+    model = correlated_linear_gaussian()
     x = model.sample_data(64)
     torch.manual_seed(1)
     guide = AutoAmortized(model, AutoAmortized.Config(hidden=(16,), family="iaf", num_flows=2, context_dim=4),

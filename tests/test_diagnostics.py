@@ -27,12 +27,7 @@ from pyro_vae.models import LinearGaussian
 X_DIM, N = 6, 8
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def diagonal_model(scales=(2.0, 1.0), seed=1):

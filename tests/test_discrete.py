@@ -43,12 +43,7 @@ Z = 4.5
 TARGETS = {"elbo": "elbo", "enum-elbo": "elbo", "tracegraph": "elbo", "vimco": "iwae", "rws": "rws"}
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_model(seed=3):

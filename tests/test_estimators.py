@@ -20,12 +20,7 @@ from pyro_vae.models import LinearGaussian
 X_DIM, Z_DIM, N = 6, 2, 8
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 @pytest.fixture

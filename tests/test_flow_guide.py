@@ -6,12 +6,13 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from conftest import correlated_linear_gaussian
 from pyro.infer import SVI
 
 from pyro_vae.estimators import ESTIMATORS
 from pyro_vae.estimators._weights import log_weights
 from pyro_vae.guides import GUIDES, DiagonalNormalGuide, IAFGuide
-from pyro_vae.models import BernoulliVAE, LinearGaussian
+from pyro_vae.models import BernoulliVAE
 
 NET = {"x_dim": 12, "latent_dim": 3, "hidden": (16,), "activation": "tanh"}
 
@@ -120,17 +121,6 @@ def test_particle_estimators_run_with_the_flow(name):
     assert g.flows[1].nn.layers[0].weight.grad.abs().sum() > 0
 
 
-def _correlated_model() -> LinearGaussian:
-    """Two latents that load on nearly the same direction: the exact posterior's correlation is about -0.77."""
-    torch.manual_seed(0)
-    m = LinearGaussian(LinearGaussian.Config(x_dim=6, latent_dim=2))
-    with torch.no_grad():
-        w = torch.randn(6, 1)
-        m.weight.copy_(torch.cat([w + 0.25 * torch.randn(6, 1), w + 0.25 * torch.randn(6, 1)], 1))
-        m.log_psi.fill_(math.log(0.5))
-    return m
-
-
 def _fit(model, guide, x, steps=150, lr=3e-2) -> torch.Tensor:
     """Fit the guide alone (the model's parameters stay fixed) and return per-point ELBOs from 200 draws."""
     fixed = poutine.block(model, hide_types=["param"])
@@ -143,7 +133,7 @@ def _fit(model, guide, x, steps=150, lr=3e-2) -> torch.Tensor:
 
 
 def test_iaf_tightens_the_elbo_over_the_diagonal_guide():
-    model = _correlated_model()
+    model = correlated_linear_gaussian()
     _, _, cov = model.exact_posterior()
     corr = cov[0, 1] / cov.diagonal().prod().sqrt()
     assert abs(corr) > 0.7  # the posterior is far from diagonal, so mean-field pays a real price
