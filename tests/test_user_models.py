@@ -20,14 +20,6 @@ from pyro_vae.analysis.gaps import inference_gaps
 D = 4
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def grid_log_likelihood(log_joint, half: float, n: int, dims: int) -> torch.Tensor:
     """log p(x) = log of the integral of p(x, z) over z by the trapezoid rule on a grid, per point: exact to far
     below Monte Carlo error for the smooth, fast-decaying integrands here."""
